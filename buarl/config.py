@@ -1,0 +1,157 @@
+"""Every run setting in one flat, validated model.
+
+Keys are flat (``tau_l``, not ``method.url.tau``) so that a sweep or ``--set`` can name
+any of them directly. ``load_config`` resolves a shipped name or a YAML path, applies
+overrides and validates the result; every problem becomes one ``ConfigError`` naming the
+key, the value and what was expected.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from buarl.errors import ConfigError
+
+SHIPPED = ("acdc", "acdc_cpu", "la", "la_cpu", "phantom", "phantom_la")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: Literal["acdc", "la"] = "acdc"
+    data_root: Optional[str] = None  # None: a generated phantom in the cache folder
+    labeled: int = Field(7, ge=1, description="ACDC: patients; LA: scans")
+    val_cases: int = Field(0, ge=0, description="0: all; LA: scans held out of train.list")
+    test_cases: int = Field(0, ge=0, description="0: all test cases (else the first N)")
+
+    # method
+    base: Literal["supervised", "mt", "bcp"] = "bcp"
+    url: bool = True
+    crl: bool = True
+    tau_l: float = Field(0.5, ge=0.0, le=1.0)
+    tau_u: float = Field(0.5, ge=0.0, le=1.0)
+    tau_u_start: Optional[float] = Field(None, ge=0.0, le=1.0)
+    region_mode: Literal["threshold", "quantile"] = "threshold"
+    lambda_url: float = Field(1.0, ge=0.0)
+    lambda_crl: float = Field(0.5, ge=0.0)
+    ema_decay: float = Field(0.99, ge=0.0, le=1.0)
+    rampup_iters: int = Field(0, ge=0)
+    uncertainty: Literal["entropy", "mc_entropy"] = "entropy"
+    mc_passes: int = Field(8, ge=1)
+    uncertainty_source: Literal["teacher", "student"] = "teacher"
+    pseudo_lcc: bool = True
+    paste_ratio: float = Field(2 / 3, gt=0.0, lt=1.0)
+
+    # optimisation
+    image_size: int = Field(256, ge=16, description="ACDC: square training size")
+    patch_size: list[int] = Field(default_factory=lambda: [112, 112, 80])
+    batch_size: int = Field(24, ge=1)
+    labeled_bs: int = Field(12, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    lr_schedule: Literal["poly", "constant", "step"] = "poly"
+    lr_step: int = Field(2500, ge=1, description="step schedule: x0.1 every N self-training iterations")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    pretrain_iters: int = Field(10000, ge=0)
+    iters: int = Field(30000, ge=1)
+    eval_every: int = Field(200, ge=1)
+    log_every: int = Field(20, ge=1)
+
+    # evaluation
+    empty_policy: Literal["reference", "strict"] = "reference"
+    la_stride_xy: int = Field(18, ge=1)
+    la_stride_z: int = Field(4, ge=1)
+    la_lcc: bool = False
+
+    # execution
+    seed: int = Field(1337, ge=0)
+    precision: Literal["auto", "bf16", "fp32", "amp"] = "auto"
+    device: str = "cpu"
+    threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.labeled_bs > self.batch_size:
+            raise ValueError(
+                f"labeled_bs={self.labeled_bs} is larger than batch_size={self.batch_size}")
+        if self.base == "bcp" and self.labeled_bs % 2:
+            raise ValueError(f"base=bcp mixes labeled pairs: labeled_bs={self.labeled_bs} must be even")
+        if self.base == "bcp" and (self.batch_size - self.labeled_bs) % 2:
+            raise ValueError("base=bcp mixes unlabeled pairs: batch_size - labeled_bs must be even")
+        if self.base != "supervised" and self.batch_size == self.labeled_bs:
+            raise ValueError(f"base={self.base} needs unlabeled images: batch_size must exceed labeled_bs")
+        if self.base == "bcp" and self.batch_size - self.labeled_bs != self.labeled_bs:
+            raise ValueError("base=bcp pairs each labeled image with one unlabeled: "
+                             "batch_size must be 2 * labeled_bs")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 16:
+            raise ValueError(f"patch_size must be three sizes >= 16, got {self.patch_size}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return 4 if self.dataset == "acdc" else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def base_values(name_or_path: str) -> dict[str, Any]:
+    """Raw values of a shipped config name or a YAML file (not yet validated)."""
+    if name_or_path in SHIPPED:
+        text = resources.files("buarl.configs").joinpath(f"{name_or_path}.yaml").read_text()
+        return yaml.safe_load(text) or {}
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config {name_or_path!r}: no such file, and not a shipped config ({', '.join(SHIPPED)})")
+    return _read_yaml(path)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["iters=100", "url=false"]`` -> ``{"iters": 100, "url": False}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def validate(values: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(config)"
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key {key!r}") from None
+        given = err.get("input")
+        where = f"key {key!r}" if err["loc"] else "config"
+        raise ConfigError(f"{source}: {where}: {err['msg']} (got {given!r})") from None
+
+
+def load_config(name_or_path: str, overrides: Optional[dict[str, Any]] = None) -> Config:
+    values = dict(base_values(name_or_path))
+    values.update(overrides or {})
+    return validate(values, source=f"config {name_or_path!r}")

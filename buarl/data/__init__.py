@@ -1,0 +1,24 @@
+"""Datasets in the reference layouts, and the phantom used when no data root is given."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from buarl.config import Config
+from buarl.data import phantom
+
+
+def resolve_root(cfg: Config) -> Path:
+    """The data root of a run: the configured one, or a cached phantom of the same kind."""
+    if cfg.data_root:
+        return Path(cfg.data_root).expanduser()
+    cache = os.environ.get("BUARL_CACHE")
+    return phantom.cached(cfg.dataset, Path(cache) if cache else None)
+
+
+def load_benchmark(cfg: Config, root: Path | None = None):
+    from buarl.data.acdc import AcdcData
+    from buarl.data.la import LaData
+
+    cls = AcdcData if cfg.dataset == "acdc" else LaData
+    return cls(root or resolve_root(cfg), cfg)

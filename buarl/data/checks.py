@@ -1,0 +1,60 @@
+"""Integrity checks that run before any training: each names the file and the problem."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from buarl.errors import DataError
+
+
+def require_root(root: Path, what: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root}: no such folder (expected the {what} layout)")
+    return root.resolve()
+
+
+def read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path}: list file is missing")
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not names:
+        raise DataError(f"{path}: list file is empty")
+    return names
+
+
+def inside(root: Path, rel: str, list_file: Path) -> Path:
+    """The file a list entry names, refusing entries that escape the data root."""
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(f"{list_file}: entry {rel!r} points outside the data root {root}")
+    return path
+
+
+def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """image (float32) and label (uint8) of one h5 file, validated."""
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing (named by a list file)")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("image", "label") if k not in f]
+            if missing:
+                raise DataError(f"{path}: no {' or '.join(repr(k) for k in missing)} dataset "
+                                f"(found {sorted(f.keys())})")
+            image = np.asarray(f["image"][()], dtype=np.float32)
+            label = np.asarray(f["label"][()])
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    if image.ndim != ndim:
+        raise DataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
+    if image.shape != label.shape:
+        raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image contains NaN or inf values")
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0 or hi >= num_classes or not np.array_equal(label, np.round(label)):
+        raise DataError(f"{path}: label values must be integers in [0, {num_classes - 1}], "
+                        f"found range [{lo}, {hi}]")
+    return image, label.astype(np.uint8)

@@ -1,0 +1,56 @@
+"""LA in the UA-MT layout: `2018LA_Seg_Training Set/<ID>/mri_norm2.h5` per scan."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from buarl.config import Config
+from buarl.data.augment import augment_3d, random_crop_3d
+from buarl.data.checks import inside, read_case, read_list, require_root
+from buarl.data.types import Case
+from buarl.errors import DataError
+
+SCANS = "2018LA_Seg_Training Set"
+
+
+class LaData:
+    num_classes = 2
+    dim = 3
+
+    def __init__(self, root: Path, cfg: Config):
+        self.root = root = require_root(root, "LA (UA-MT)")
+        train_list = root / "train.list"
+        names = read_list(train_list)
+        # Validation scans come from the tail of train.list (never labeled in the 5/10/20%
+        # protocols), so model selection never looks at the test scans.
+        n_val = cfg.val_cases
+        if cfg.labeled + n_val > len(names):
+            raise DataError(f"labeled={cfg.labeled} + val_cases={n_val} scans, but {train_list} "
+                            f"lists only {len(names)}")
+        train_names = names[: len(names) - n_val]
+        if cfg.base != "supervised" and cfg.labeled == len(train_names):
+            raise DataError(f"labeled={cfg.labeled} uses every training scan of {train_list}: "
+                            f"base={cfg.base} needs unlabeled scans left")
+        keep = train_names if cfg.base != "supervised" else train_names[: cfg.labeled]
+        self.train = [self._case(n, train_list) for n in keep]
+        self.labeled_idx = list(range(cfg.labeled))
+        self.unlabeled_idx = list(range(cfg.labeled, len(keep)))
+        self.val = [self._case(n, train_list) for n in names[len(names) - n_val:]] if n_val else []
+        test_list = root / "test.list"
+        test_names = read_list(test_list)
+        self.test = [self._case(n, test_list) for n in test_names[: cfg.test_cases or None]]
+        self.patch = list(cfg.patch_size)
+
+    def _case(self, name: str, list_file: Path) -> Case:
+        return Case(name, *read_case(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), 2, 3))
+
+    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for i in idx:
+            image, label = random_crop_3d(self.train[i].image, self.train[i].label, self.patch, gen)
+            image, label = augment_3d(torch.from_numpy(image.copy())[None],
+                                      torch.from_numpy(label.astype("int64")), gen)
+            images.append(image)
+            labels.append(label)
+        return torch.stack(images), torch.stack(labels)

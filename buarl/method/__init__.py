@@ -1,0 +1,1 @@
+"""The BUARL method: uncertainty, region weight maps, losses, copy-paste, EMA teacher."""

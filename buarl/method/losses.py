@@ -1,0 +1,46 @@
+"""(weighted CE + weighted soft Dice) / 2 over two source regions, as BCP's mix loss.
+
+Every image handed to the loss carries a source map S: 1 where a pixel comes from a
+labeled image (target = ground truth), 0 where it comes from an unlabeled one (target =
+teacher pseudo-label). Each region r in {S, 1-S} contributes
+    CE_r   = sum(w * ce * R) / sum(R)                        (area-normalised)
+    Dice_r = (sum(w * R) / sum(R)) * DiceLoss(p, y, mask = w * R)
+so a constant weight scales both terms alike (BCP's u_weight), while a varying weight
+moves emphasis between pixels inside the region (URL, CRL).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SMOOTH = 1e-5  # BCP's DiceLoss smoothing
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Dice per class with a pixel mask, averaged over all classes (BCP's DiceLoss)."""
+    c = probs.shape[1]
+    onehot = F.one_hot(target, c).movedim(-1, 1).to(probs.dtype)
+    m = mask.unsqueeze(1)
+    dims = [0] + list(range(2, probs.dim()))
+    inter = (probs * onehot * m).sum(dims)
+    y = (onehot * onehot * m).sum(dims)
+    z = (probs * probs * m).sum(dims)
+    return (1 - (2 * inter + SMOOTH) / (z + y + SMOOTH)).mean()
+
+
+def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                source: torch.Tensor) -> torch.Tensor:
+    """logits (B, C, ...), target (B, ...) long, weight and source (B, ...) float."""
+    logits = logits.float()
+    probs = torch.softmax(logits, 1)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    total = logits.new_zeros(())
+    for region in (source, 1.0 - source):
+        area = region.sum()
+        if area == 0:
+            continue
+        m = weight * region
+        ce_r = (m * ce).sum() / area
+        dice_r = (m.sum() / area) * soft_dice_loss(probs, target, m)
+        total = total + (ce_r + dice_r) / 2
+    return total

@@ -1,0 +1,51 @@
+"""The console/file reporter used by `buarl train` (the Ray one lives in orchestrator/)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from buarl.checkpoint import save_best
+from buarl.config import Config
+from buarl.train import Reporter
+
+
+def fmt(scalars: dict) -> str:
+    parts = []
+    for k, v in scalars.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+class LocalReporter(Reporter):
+    """Prints progress, appends it to OUT/train.log, keeps OUT/best.pt, writes OUT/metrics.json."""
+
+    def __init__(self, cfg: Config, out: Path, stream: TextIO = sys.stdout):
+        self.cfg, self.out, self.stream = cfg, Path(out), stream
+        self.log_file = (self.out / "train.log").open("a")
+        self.started = time.time()
+
+    def _say(self, line: str) -> None:
+        line = f"[{time.time() - self.started:7.1f}s] {line}"
+        print(line, file=self.stream, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def log(self, step: int, scalars: dict) -> None:
+        self._say(f"it {step:>6} {fmt(scalars)}")
+
+    def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
+        mark = " (best, saved best.pt)" if is_best else ""
+        self._say(f"it {step:>6} val_dice={metrics['val_dice']:.4f}{mark}")
+        if is_best:
+            save_best(self.out / "best.pt", state["best_weights"], self.cfg, step, metrics["val_dice"])
+
+    def finish(self, metrics: dict, best_weights: dict) -> None:
+        if not (self.out / "best.pt").exists():  # no validation improved: keep the final weights
+            save_best(self.out / "best.pt", best_weights, self.cfg, metrics["iterations"], float("nan"))
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        self._say("test " + fmt({k: metrics[k] for k in ("dice", "jaccard", "hd95", "asd")})
+                  + f" empty_predictions={metrics['empty_predictions']}")
+        self.log_file.close()

@@ -1,0 +1,292 @@
+"""The BUARL training loop, readable top to bottom.
+
+    for each iteration:
+        draw a two-stream batch (labeled + unlabeled), augment it
+        teacher: probabilities -> uncertainty U, pseudo-labels
+        build the student's inputs, targets, per-pixel weights and source map
+            supervised: labeled images only
+            mt:  labeled + unlabeled images side by side
+            bcp: copy-paste mixes (one box mask for images, targets, U)
+        weights: labeled pixels 1 + lambda_url [U > tau_l]  (URL)
+                 unlabeled pixels lambda_crl ramp(t) [U < tau_u]  (CRL)
+        loss = (weighted CE + weighted Dice) / 2 per source region; SGD step; EMA teacher
+        every eval_every: val Dice, checkpoint to the reporter, keep the best weights
+    test metrics of the best weights
+
+The loop does not know who listens: a `Reporter` receives logs and checkpoints and may
+hand back a state to resume from. The console/file reporter lives here; the Ray reporter
+in `orchestrator/`. DDP comes from the `wrap` callable applied to the student.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from buarl.config import Config
+from buarl.data import load_benchmark
+from buarl.data.sampling import TwoStreamSampler
+from buarl.errors import TrainingDiverged
+from buarl.evaluate import evaluate, validation_dice
+from buarl.method.losses import region_loss
+from buarl.method.mixing import box_mask, mix
+from buarl.method.pseudo import pseudo_labels
+from buarl.method.teacher import decay_at, ema_update, make_teacher
+from buarl.method.uncertainty import entropy_map, mc_probs
+from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
+from buarl.nets import build
+from buarl.runtime import autocast, device_of, memory_format, precision_of, seed_everything, to_device
+
+
+class Reporter:
+    """Receives what the loop produces. Subclasses override what they need."""
+
+    def log(self, step: int, scalars: dict) -> None:
+        pass
+
+    def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
+        pass
+
+    def restore(self) -> Optional[dict]:
+        return None
+
+    def finish(self, metrics: dict, best_weights: dict) -> None:
+        pass
+
+
+def _rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def lr_at(cfg: Config, t: int, stage_iters: int) -> float:
+    if cfg.lr_schedule == "poly":
+        return cfg.lr * (1.0 - t / max(stage_iters, 1)) ** 0.9
+    if cfg.lr_schedule == "step":
+        return cfg.lr * 0.1 ** (t // cfg.lr_step)
+    return cfg.lr
+
+
+class Loop:
+    def __init__(self, cfg: Config, reporter: Reporter, wrap: Callable[[nn.Module], nn.Module], data=None):
+        self.cfg, self.reporter = cfg, reporter
+        self.rank, self.world = _rank()
+        self.device = device_of(cfg)
+        seed_everything(cfg.seed + 1000 * self.rank)
+        self.data = data if data is not None else load_benchmark(cfg)
+        self.dim = self.data.dim
+        self.fmt = memory_format(cfg, self.dim)
+        core = to_device(build(cfg.dataset, cfg.num_classes), cfg, self.device, self.dim)
+        self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
+        self.teacher = make_teacher(core)
+        self.student = wrap(core)
+        self.optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(enabled=precision_of(cfg, self.device) == "amp")
+        unlabeled_bs = 0 if cfg.base == "supervised" else cfg.batch_size - cfg.labeled_bs
+        self.sampler = TwoStreamSampler(self.data.labeled_idx, self.data.unlabeled_idx,
+                                        cfg.labeled_bs, unlabeled_bs, cfg.seed + 1000 * self.rank)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * self.rank)
+        self.pretrain = cfg.pretrain_iters if cfg.base == "bcp" else 0
+        self.total = self.pretrain + cfg.iters
+        self.step = 0
+        self.best = {"dice": -1.0, "step": -1, "weights": None}
+        self.history: list[dict] = []
+
+    # ---- state -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "student": self.core.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "best_dice": self.best["dice"], "best_step": self.best["step"],
+                "best_weights": self.best["weights"], "config": self.cfg.to_dict()}
+
+    def load(self, state: dict) -> None:
+        self.core.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.best = {"dice": float(state["best_dice"]), "step": int(state["best_step"]),
+                     "weights": state["best_weights"]}
+
+    # ---- teacher view ------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_probs(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.uncertainty == "mc_entropy":
+            with autocast(cfg, self.device):
+                return mc_probs(self.teacher, x, cfg.mc_passes, self.gen)
+        self.teacher.eval()
+        with autocast(cfg, self.device):
+            return torch.softmax(self.teacher(x).float(), 1)
+
+    def weights(self, u: torch.Tensor, source: torch.Tensor, t: int) -> tuple[torch.Tensor, dict]:
+        """Per-pixel weights: URL on labeled pixels (source 1), CRL on unlabeled (source 0)."""
+        cfg = self.cfg
+        t_self = t - self.pretrain
+        tau_u = tau_u_at(t_self, cfg.rampup_iters, cfg.tau_u, cfg.tau_u_start)
+        w_lab = url_weights(u, cfg.url, cfg.tau_l, cfg.lambda_url, cfg.region_mode)
+        w_unl = crl_weights(u, cfg.crl, tau_u, cfg.lambda_crl, ramp(t_self, cfg.rampup_iters), cfg.region_mode)
+        w = source * w_lab + (1 - source) * w_unl
+        lab_area, unl_area = source.sum().clamp(min=1), (1 - source).sum().clamp(min=1)
+        stats = {"frac_high": (high_region(u, cfg.tau_l, cfg.region_mode) * source).sum() / lab_area,
+                 "frac_low": (low_region(u, tau_u, cfg.region_mode) * (1 - source)).sum() / unl_area}
+        return w, stats
+
+    # ---- one iteration per base ----------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.cfg, self.device):
+            return self.student(x.contiguous(memory_format=self.fmt)).float()
+
+    def pretrain_step(self, x_l, y_l):
+        """BCP pre-training: labeled pairs copy-pasted into each other, both regions supervised."""
+        half = x_l.shape[0] // 2
+        m = box_mask(tuple(x_l.shape[2:]), self.cfg.paste_ratio, self.gen).to(x_l.device)
+        x = mix(x_l[:half], x_l[half:], m)
+        y = mix(y_l[:half], y_l[half:], m).long()
+        source = m.expand_as(y).float()
+        loss = region_loss(self.forward(x), y, torch.ones_like(source), source)
+        return loss, {}
+
+    def supervised_step(self, x_l, y_l, t):
+        logits = self.forward(x_l)
+        source = torch.ones(y_l.shape, device=x_l.device)
+        u = self.uncertainty(x_l, logits) if self.cfg.url else torch.zeros_like(source)
+        w, stats = self.weights(u, source, t)
+        return region_loss(logits, y_l, w, source), stats
+
+    def uncertainty(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.uncertainty_source == "student":
+            return entropy_map(torch.softmax(student_logits.detach(), 1))
+        return entropy_map(self.teacher_probs(x))
+
+    def mt_step(self, x_l, y_l, x_u, t):
+        cfg = self.cfg
+        n = x_l.shape[0]
+        x = torch.cat([x_l, x_u])
+        logits = self.forward(x)
+        probs_t = self.teacher_probs(x if cfg.url and cfg.uncertainty_source == "teacher" else x_u)
+        p_u = probs_t[-x_u.shape[0]:]
+        target = torch.cat([y_l, pseudo_labels(p_u, cfg.pseudo_lcc)])
+        if cfg.uncertainty_source == "student":
+            u = entropy_map(torch.softmax(logits.detach(), 1))
+        else:
+            u_u = entropy_map(p_u)
+            # Without URL the labeled weights ignore U, so the teacher skips labeled images.
+            u_l = entropy_map(probs_t[:n]) if cfg.url else u_u.new_zeros((n,) + u_u.shape[1:])
+            u = torch.cat([u_l, u_u])
+        source = torch.cat([torch.ones_like(y_l), torch.zeros_like(target[n:])]).float()
+        w, stats = self.weights(u, source, t)
+        return region_loss(logits, target, w, source), stats
+
+    def bcp_step(self, x_l, y_l, x_u, t):
+        """Bidirectional copy-paste: a labeled box into an unlabeled image and vice versa."""
+        cfg = self.cfg
+        h = x_l.shape[0] // 2
+        probs_t = self.teacher_probs(torch.cat([x_l, x_u]))
+        n = x_l.shape[0]
+        plab = pseudo_labels(probs_t[n:], cfg.pseudo_lcc)
+        u_t = entropy_map(probs_t)
+        u_l, u_u = u_t[:n], u_t[n:]
+        m = box_mask(tuple(x_l.shape[2:]), cfg.paste_ratio, self.gen).to(x_l.device)
+        # mix(a, b, m) keeps a outside the box and b inside it.
+        x = torch.cat([mix(x_u[:h], x_l[:h], m), mix(x_l[h:], x_u[h:], m)])
+        target = torch.cat([mix(plab[:h], y_l[:h], m), mix(y_l[h:], plab[h:], m)]).long()
+        u = torch.cat([mix(u_u[:h], u_l[:h], m), mix(u_l[h:], u_u[h:], m)])
+        ones = torch.ones_like(u[:h])
+        source = torch.cat([mix(0 * ones, ones, m), mix(ones, 0 * ones, m)])
+        logits = self.forward(x)
+        if cfg.uncertainty_source == "student":
+            u = entropy_map(torch.softmax(logits.detach(), 1))
+        w, stats = self.weights(u, source, t)
+        # Two mixed batches, each its own mix loss as in BCP (one forward for both, DDP-safe).
+        loss = region_loss(logits[:h], target[:h], w[:h], source[:h]) + \
+            region_loss(logits[h:], target[h:], w[h:], source[h:])
+        return loss, stats
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, data = self.cfg, self.data
+        restored = self.reporter.restore()
+        if restored is not None:
+            self.load(restored)
+        started = time.time()
+        self.student.train()
+        running: dict[str, torch.Tensor] = {}
+        while self.step < self.total:
+            t = self.step
+            stage = "pretrain" if t < self.pretrain else "self"
+            if t == self.pretrain and self.pretrain:
+                self.teacher.load_state_dict(self.core.state_dict())  # BCP: teacher starts from the pre-trained student
+            stage_t, stage_n = (t, self.pretrain) if stage == "pretrain" else (t - self.pretrain, cfg.iters)
+            lr = lr_at(cfg, stage_t, stage_n)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+
+            lab_idx, unl_idx = self.sampler.next()
+            x_l, y_l = (v.to(self.device) for v in data.batch(lab_idx, self.gen))
+            if stage == "pretrain":
+                loss, stats = self.pretrain_step(x_l, y_l)
+            elif cfg.base == "supervised":
+                loss, stats = self.supervised_step(x_l, y_l, t)
+            else:
+                x_u = data.batch(unl_idx, self.gen)[0].to(self.device)  # unlabeled: labels never read
+                step_fn = self.mt_step if cfg.base == "mt" else self.bcp_step
+                loss, stats = step_fn(x_l, y_l, x_u, t)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if stage == "self":
+                ema_update(self.teacher, self.core, decay_at(t - self.pretrain, cfg.ema_decay))
+            self.step = t + 1
+
+            for k, v in {"loss": loss.detach(), **stats}.items():
+                running[k] = running.get(k, 0) + v.detach()
+            if self.step % cfg.log_every == 0 or self.step == self.total:
+                n = (self.step - 1) % cfg.log_every + 1
+                scalars = {k: float(v) / n for k, v in running.items()}  # one host sync per log
+                running = {}
+                if any(v != v or abs(v) == float("inf") for v in scalars.values()):
+                    raise TrainingDiverged(f"loss became {scalars['loss']} by iteration {self.step} "
+                                           f"(lr={cfg.lr}); lower the learning rate")
+                scalars.update(lr=lr, stage=stage, ramp=ramp(max(0, t - self.pretrain), cfg.rampup_iters),
+                               it_per_s=self.step / max(time.time() - started, 1e-9))
+                self.reporter.log(self.step, scalars)
+            if self.step % cfg.eval_every == 0 or self.step == self.total:
+                self.validate(stage)
+
+        weights = self.best["weights"] or copy.deepcopy(self.core.state_dict())
+        final_model = copy.deepcopy(self.core)
+        final_model.load_state_dict(weights)
+        metrics = evaluate(final_model, data.test, cfg, self.device)
+        metrics.update(best_val_dice=self.best["dice"], best_step=self.best["step"],
+                       iterations=self.step, train_seconds=time.time() - started)
+        self.reporter.finish(metrics, weights)
+        return metrics
+
+    def validate(self, stage: str) -> None:
+        cases = self.data.val
+        dice = validation_dice(self.core, cases, self.cfg, self.device)
+        # BCP keeps the best self-training checkpoint; pre-training checkpoints only inform.
+        is_best = stage == "self" and dice > self.best["dice"]
+        if is_best:
+            self.best = {"dice": dice, "step": self.step, "weights": copy.deepcopy(self.core.state_dict())}
+        metrics = {"val_dice": dice, "best_val_dice": max(self.best["dice"], 0.0), "iteration": self.step}
+        self.reporter.checkpoint(self.step, metrics, self.state(), is_best)
+
+
+def train(cfg: Config, reporter: Optional[Reporter] = None,
+          wrap: Callable[[nn.Module], nn.Module] = lambda m: m, data=None) -> dict:
+    """Run one configuration to the end; returns the test metrics of the best checkpoint."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return Loop(cfg, reporter or Reporter(), wrap, data).run()
