@@ -22,14 +22,14 @@ def fmt(scalars: dict) -> str:
 class LocalReporter(Reporter):
     """Prints progress, appends it to OUT/train.log, keeps OUT/best.pt, writes OUT/metrics.json."""
 
-    def __init__(self, cfg: Config, out: Path, stream: TextIO = sys.stdout):
+    def __init__(self, cfg: Config, out: Path, stream: TextIO | None = None):
         self.cfg, self.out, self.stream = cfg, Path(out), stream
         self.log_file = (self.out / "train.log").open("a")
         self.started = time.time()
 
     def _say(self, line: str) -> None:
         line = f"[{time.time() - self.started:7.1f}s] {line}"
-        print(line, file=self.stream, flush=True)
+        print(line, file=self.stream or sys.stdout, flush=True)
         self.log_file.write(line + "\n")
         self.log_file.flush()
 

@@ -76,11 +76,13 @@ class Loop:
         self.cfg, self.reporter = cfg, reporter
         self.rank, self.world = _rank()
         self.device = device_of(cfg)
-        seed_everything(cfg.seed + 1000 * self.rank)
         self.data = data if data is not None else load_benchmark(cfg)
         self.dim = self.data.dim
         self.fmt = memory_format(cfg, self.dim)
+        seed_everything(cfg.seed)  # every DDP replica starts from the same weights (and teacher)
         core = to_device(build(cfg.dataset, cfg.num_classes), cfg, self.device, self.dim)
+        if self.rank:
+            seed_everything(cfg.seed + 1000 * self.rank)  # dropout and noise differ per replica
         self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
         self.teacher = make_teacher(core)
         self.student = wrap(core)

@@ -1,0 +1,241 @@
+"""Search-space files: schema, validation and the plan they expand to.
+
+A space is data. It is validated completely (every searched name is a real config key,
+every bound fits that key's range, every grid point makes a valid config) before Ray is
+started, and expands to a plan: grid points (label ratio x seed x method switches), each
+explored by its own Optuna study (OptunaSearch cannot mix with tune.grid_search).
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from buarl.config import Config, base_values, validate
+from buarl.errors import BuarlError, ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class SpaceError(BuarlError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Uniform(_Strict):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+
+class LogUniform(_Strict):
+    type: Literal["loguniform"]
+    low: float
+    high: float
+
+
+class IntRange(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = 1
+
+
+class Categorical(_Strict):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[Union[Uniform, LogUniform, IntRange, Categorical], Field(discriminator="type")]
+
+
+class Grid(_Strict):
+    labeled: list[int] = Field(min_length=1)
+    seed: list[int] = Field(default_factory=lambda: [1337], min_length=1)
+    switches: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
+
+
+class Scheduler(_Strict):
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class Resources(_Strict):
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class Space(_Strict):
+    name: Optional[str] = None
+    description: str = ""
+    base_config: str = "acdc_cpu"
+    phantom_config: str = "phantom"  # used when no data root is given (the embedded default)
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    phantom_fixed: dict[str, Any] = Field(default_factory=dict)
+    grid: Grid
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    num_samples: int = Field(4, ge=1)
+    metric: str = "best_val_dice"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Optional[Scheduler] = None
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Space":
+        for key, dist in self.search.items():
+            if isinstance(dist, (Uniform, LogUniform, IntRange)) and dist.low > dist.high:
+                raise ValueError(f"search.{key}: low={dist.low} > high={dist.high}")
+            if isinstance(dist, LogUniform) and dist.low <= 0:
+                raise ValueError(f"search.{key}: loguniform needs low > 0, got low={dist.low}")
+        return self
+
+
+def _locate(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (SPACES_DIR / name_or_path, SPACES_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    raise SpaceError(f"space {name_or_path!r}: no such file, and not one of search_spaces/ ({known})")
+
+
+def _message(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return f"{loc}: distribution type must be one of uniform, loguniform, int, categorical"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {err.get('input')!r})" if loc else msg
+
+
+def load_space(name_or_path: str) -> tuple[Space, Path]:
+    path = _locate(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping of space keys, got {type(raw).__name__}")
+    try:
+        space = Space.model_validate(raw)
+    except ValidationError as e:
+        raise SpaceError(f"{path}: {_message(e.errors()[0])}") from None
+    if space.name is None:
+        space = space.model_copy(update={"name": path.stem})
+    _check_against_config(space, path)
+    return space, path
+
+
+def _check_against_config(space: Space, path: Path) -> None:
+    fields = Config.model_fields
+    for key, dist in space.search.items():
+        if key not in fields:
+            raise SpaceError(f"{path}: search.{key}: unknown parameter (not a buarl config key)")
+        probes = dist.choices if isinstance(dist, Categorical) else [dist.low, dist.high]
+        for value in probes:
+            try:
+                validate({**base_values(space.base_config), key: value}, source="probe")
+            except ConfigError as e:
+                raise SpaceError(f"{path}: search.{key}: value {value!r} is outside what the config "
+                                 f"accepts ({str(e).split(': ', 2)[-1]})") from None
+    for section in ("fixed", "phantom_fixed"):
+        for key in getattr(space, section):
+            if key not in fields:
+                raise SpaceError(f"{path}: {section}.{key}: unknown parameter (not a buarl config key)")
+    for i, sw in enumerate(space.grid.switches):
+        for key in sw:
+            if key not in fields:
+                raise SpaceError(f"{path}: grid.switches[{i}].{key}: unknown parameter")
+    if space.metric not in {"best_val_dice", "val_dice", "loss"}:
+        raise SpaceError(f"{path}: metric: {space.metric!r} is not reported "
+                         "(use best_val_dice, val_dice or loss)")
+
+
+class GridPoint(BaseModel):
+    name: str
+    values: dict[str, Any]  # constants of this point: labeled, seed, switches
+
+
+class Plan(BaseModel):
+    space: Space
+    space_file: str
+    phantom: bool
+    base: dict[str, Any]  # the resolved config values shared by every trial
+    points: list[GridPoint]
+    num_samples: int
+    max_concurrent: int
+    threads_per_worker: int
+
+    @property
+    def trials_per_point(self) -> int:
+        return self.num_samples if self.space.search else 1
+
+    @property
+    def total_trials(self) -> int:
+        return self.trials_per_point * len(self.points)
+
+
+def point_name(values: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in values.items()]
+    return "_".join(parts).replace(" ", "").replace("/", "-")
+
+
+def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samples: Optional[int],
+              max_concurrent: int, cpus: int) -> Plan:
+    phantom = data_root is None
+    base = dict(base_values(space.phantom_config if phantom else space.base_config))
+    base.update(space.fixed)
+    if phantom:
+        base.update(space.phantom_fixed)
+    base["data_root"] = data_root
+    points = []
+    for labeled, seed, switches in itertools.product(space.grid.labeled, space.grid.seed, space.grid.switches):
+        values = {"labeled": labeled, "seed": seed, **switches}
+        probe = {**base, **values}
+        for key, dist in space.search.items():  # any sample must make a valid config
+            probe[key] = dist.choices[0] if isinstance(dist, Categorical) else dist.low
+        try:
+            validate(probe, source=f"{space_file}: grid point {point_name(values)}")
+        except ConfigError as e:
+            raise SpaceError(str(e)) from None
+        points.append(GridPoint(name=point_name(values), values=values))
+    per_trial = space.resources.workers * space.resources.cpus_per_worker
+    threads = max(1, int(cpus // max(1, max_concurrent * space.resources.workers)))
+    return Plan(space=space, space_file=str(space_file), phantom=phantom, base=base, points=points,
+                num_samples=num_samples or space.num_samples, max_concurrent=max_concurrent,
+                threads_per_worker=threads if per_trial <= cpus else 1)
+
+
+def describe(plan: Plan) -> str:
+    s, r = plan.space, plan.space.resources
+    iters = plan.base.get("iters", 0) + (plan.base.get("pretrain_iters", 0) if plan.base.get("base") == "bcp" else 0)
+    lines = [f"space {s.name} ({plan.space_file})",
+             f"  data: {'built-in phantom (no --data-root)' if plan.phantom else plan.base['data_root']}",
+             f"  base config: {s.phantom_config if plan.phantom else s.base_config} + fixed {s.fixed or '{}'}"
+             + (f" + phantom_fixed {s.phantom_fixed}" if plan.phantom and s.phantom_fixed else ""),
+             f"  grid points ({len(plan.points)}), one Optuna study each:" if s.search
+             else f"  grid points ({len(plan.points)}), one trial each (no search):"]
+    lines += [f"    - {p.name}" for p in plan.points]
+    if s.search:
+        lines.append("  searched parameters:")
+        for key, d in s.search.items():
+            rng = f"choices {d.choices}" if isinstance(d, Categorical) else f"[{d.low}, {d.high}]"
+            lines.append(f"    - {key}: {d.type} {rng}")
+    lines += [f"  trials: {plan.trials_per_point} per grid point, {plan.total_trials} in total",
+              f"  iteration budget: {iters} per trial, {iters * plan.total_trials} in total",
+              f"  metric: {s.metric} ({s.mode})" + (f", ASHA grace {s.scheduler.grace_period}" if s.scheduler else ""),
+              f"  resources: {r.workers} worker(s) x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU per trial; "
+              f"{plan.max_concurrent} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker"]
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""`python orchestrator/sweep.py --space thresholds.yaml`: the product's main job.
+
+parse -> validate the space and flags (exit 2 on any problem, Ray never started) -> plan
+-> [--dry-run: print the plan and stop] -> check storage and tracking store -> start or
+join Ray -> one Tune study per grid point (Optuna inside, ASHA optional), every trial a
+Ray Train run of buarl's loop, logged to MLflow from the driver -> summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from buarl.errors import BuarlError  # noqa: E402
+from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="buarl-sweep", description="Ray Tune + Optuna sweep of BUARL, tracked in MLflow")
+    p.add_argument("--space", required=True, help="a name in search_spaces/ (thresholds, ablation, ...) or a YAML path")
+    p.add_argument("--data-root", help="real dataset folder (default: a built-in phantom)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
+    p.add_argument("--storage", help="Ray results: local dir, NFS path or s3:// URI (default ./ray_results)")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or host:6379); default: start a local one")
+    p.add_argument("--name", help="sweep name (default: the space name); the unit --resume continues")
+    p.add_argument("--num-samples", type=int, help="Optuna trials per grid point (overrides the space)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once per grid point")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit without starting Ray")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="extra fixed config overrides for every trial")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"buarl-sweep: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def storage_dir(args) -> str:
+    if args.storage and "://" in args.storage:
+        return args.storage
+    return str(Path(args.storage or "ray_results").expanduser().resolve())
+
+
+def check_storage(path: str) -> None:
+    from orchestrator.tracking import StorageError
+    if "://" in path:
+        return  # remote storage: Ray reports problems with credentials and buckets itself
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".buarl-write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"--storage {path}: results folder is not writable ({e.strerror})") from None
+
+
+def local_resource_problem(space, cpus: int) -> str | None:
+    """Why one trial can never start on this machine's local Ray cluster, if it cannot."""
+    r = space.resources
+    need_cpu = r.workers * r.cpus_per_worker
+    if need_cpu > cpus:
+        return f"one trial needs {need_cpu:g} CPUs ({r.workers} workers x {r.cpus_per_worker:g}) but this machine has {cpus}"
+    if r.gpus_per_worker:
+        import torch
+        if r.workers * r.gpus_per_worker > torch.cuda.device_count():
+            return f"one trial needs {r.workers * r.gpus_per_worker:g} GPUs but this machine has {torch.cuda.device_count()}"
+    return None
+
+
+def prepare(args) -> tuple[Plan, str]:
+    if args.num_samples is not None and args.num_samples < 1:
+        raise SpaceError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_concurrent < 1:
+        raise SpaceError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    space, path = load_space(args.space)
+    if args.set:
+        from buarl.config import parse_overrides
+        space = space.model_copy(update={"fixed": {**space.fixed, **parse_overrides(args.set)}})
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else None
+    if data_root and not Path(data_root).is_dir():
+        raise SpaceError(f"--data-root {args.data_root}: no such folder")
+    cpus = os.cpu_count() or 1
+    plan = make_plan(space, path, data_root, args.num_samples, args.max_concurrent, cpus)
+    problem = None if args.address else local_resource_problem(space, cpus)
+    if problem and not args.dry_run:
+        raise SpaceError(f"{path}: resources: {problem} (join a cluster with --address)")
+    if problem:
+        print(f"note: {problem}; this plan needs a cluster (--address)", file=sys.stderr)
+    return plan, space.name if not args.name else args.name
+
+
+def param_space(plan: Plan) -> dict:
+    from ray import tune
+    from orchestrator.space import Categorical, IntRange, LogUniform, Uniform
+    out = {}
+    for key, d in plan.space.search.items():
+        if isinstance(d, Uniform):
+            out[key] = tune.uniform(d.low, d.high)
+        elif isinstance(d, LogUniform):
+            out[key] = tune.loguniform(d.low, d.high)
+        elif isinstance(d, IntRange):
+            out[key] = tune.randint(d.low, d.high + 1) if d.step == 1 else tune.qrandint(d.low, d.high, d.step)
+        elif isinstance(d, Categorical):
+            out[key] = tune.choice(d.choices)
+    return out
+
+
+def progress_reporter(plan: Plan):
+    from ray.tune import CLIReporter
+    return CLIReporter(metric_columns={"iteration": "iter", "val_dice": "val Dice", "best_val_dice": "best val",
+                                       "test_dice": "test Dice"},
+                       parameter_columns=list(plan.space.search), max_report_frequency=30,
+                       print_intermediate_tables=True, sort_by_metric=False)
+
+
+def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, parent_id: str, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.tracking import MlflowTrials
+    from orchestrator.trial import run_trial
+
+    s = plan.space
+    base = {**plan.base, **point.values, "threads": plan.threads_per_worker}
+    trainable = tune.with_parameters(run_trial, base=base, storage=f"{storage}/{sweep}/train",
+                                     resources=s.resources.model_dump(), max_failures=s.max_failures)
+    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base)
+    path = f"{storage}/{sweep}/{point.name}"
+    run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
+                                progress_reporter=progress_reporter(plan), verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=0))
+    if resume and tune.Tuner.can_restore(path):
+        print(f"[{point.name}] resuming from {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space(plan) or None)
+    else:
+        search = None
+        if s.search:
+            seed = int(point.values.get("seed", 0))
+            search = ConcurrencyLimiter(OptunaSearch(metric=s.metric, mode=s.mode, seed=seed), plan.max_concurrent)
+        scheduler = ASHAScheduler(grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor) \
+            if s.scheduler else None
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(plan),
+            tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,
+                                        num_samples=plan.trials_per_point, max_concurrent_trials=plan.max_concurrent),
+            run_config=run_config)
+    return tuner.fit()
+
+
+def summarise(results: dict, plan: Plan, sweep: str, storage: str, tracking_uri: str) -> tuple[str, dict]:
+    lines = ["", f"sweep {sweep}: best configuration per grid point ({plan.space.metric}, {plan.space.mode})"]
+    best_rows = {}
+    for name, grid in results.items():
+        try:
+            best = grid.get_best_result(metric=plan.space.metric, mode=plan.space.mode, filter_nan_and_inf=True)
+        except RuntimeError:
+            lines.append(f"  {name}: no finished trial")
+            continue
+        m = best.metrics or {}
+        params = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (best.config or {}).items()}
+        best_rows[name] = {"params": params, plan.space.metric: m.get(plan.space.metric),
+                           "test_dice": m.get("test_dice")}
+        test = f", test Dice {m['test_dice']:.4f}" if isinstance(m.get("test_dice"), float) else ""
+        lines.append(f"  {name}: {plan.space.metric}={m.get(plan.space.metric, float('nan')):.4f}{test} {params}")
+    lines += ["", f"Ray results:  {storage}/{sweep}",
+              f"MLflow:       {tracking_uri}  (experiment '{plan.space.name}', parent run '{sweep}')",
+              f"Compare runs: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+              f"Tables:       buarl-tables --experiment {plan.space.name} --tracking-uri {tracking_uri}"]
+    return "\n".join(lines), best_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        plan, sweep = prepare(args)
+    except BuarlError as e:
+        return _fail(str(e))
+    print(describe(plan), flush=True)
+    if args.dry_run:
+        return 0
+
+    from orchestrator.tracking import (StorageError, default_tracking_uri, experiment, mark_orphans,
+                                       open_store, parent_run, redact)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    storage = storage_dir(args)
+    try:
+        check_storage(storage)
+        if not args.resume and "://" not in storage and (Path(storage) / sweep).exists():
+            raise SpaceError(f"sweep {sweep!r} already has results in {Path(storage) / sweep}: "
+                             f"add --resume to continue it, or --name NEW for a new sweep")
+        client = open_store(tracking_uri)
+    except (StorageError, SpaceError) as e:
+        return _fail(str(e))
+
+    if plan.phantom:
+        from buarl.config import Config
+        from buarl.data import resolve_root
+        root = resolve_root(Config(**{k: v for k, v in plan.base.items() if k != "data_root"}))
+        plan.base["data_root"] = str(root)
+        print(f"no --data-root: running on the built-in phantom at {root}\n"
+              f"  (point at real data with --data-root, e.g. --data-root ../shared/data/ACDC)", flush=True)
+
+    import ray
+    if args.address:
+        ray.init(address=args.address, log_to_driver=True)
+    else:
+        # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
+        # clean up placement groups; without it a finished trial spins on errors.
+        ray.init(num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=True)
+    exp_id = experiment(client, plan.space.name, tracking_uri)
+    parent = parent_run(client, exp_id, sweep, args.resume,
+                        {"space": plan.space_file, "data_root": plan.base.get("data_root"), "storage": storage,
+                         "command": " ".join(sys.argv), **{f"fixed.{k}": v for k, v in plan.space.fixed.items()}})
+    if args.resume:
+        n = mark_orphans(client, exp_id, parent)
+        if n:
+            print(f"marked {n} orphaned RUNNING trial run(s) KILLED (their trials resume into them)", flush=True)
+    from buarl.provenance import environment
+    client.set_tag(parent, "buarl.code_version", environment()["code_version"])
+
+    started, results, status = time.time(), {}, "FINISHED"
+    try:
+        for point in plan.points:
+            print(f"\n=== grid point {point.name} ===", flush=True)
+            results[point.name] = run_point(plan, point, sweep, storage, client, exp_id, parent, args.resume)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    finally:
+        client.set_terminated(parent, status=status)
+    text, best = summarise(results, plan, sweep, storage, redact(tracking_uri))
+    client.log_text(parent, json.dumps(best, indent=2, default=str), "best_per_grid_point.json")
+    print(text + f"\n(done in {time.time() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

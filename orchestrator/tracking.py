@@ -1,0 +1,185 @@
+"""MLflow: one experiment per space, one parent run per sweep, one child run per trial.
+
+Everything is logged from the driver (a Tune callback), never from workers: concurrent
+sqlite writers lock each other, and a worker on another node cannot reach a local store.
+A trial that restarts (driver lost, `--resume`) logs into its own earlier run again, so
+each trial has exactly one run with one continuous metric history.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.tune import Callback
+
+from buarl.errors import BuarlError
+
+SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<cred>[^/@\s]+)@", re.I)
+SECRET_QUERY = re.compile(r"(?i)((?:access_key|secret_key|secret|token|password|aws_secret_access_key|"
+                          r"aws_access_key_id|sig|signature)=)[^&\s]+")
+TAG_TRIAL = "buarl.trial_id"
+TAG_SWEEP = "buarl.sweep"
+TAG_POINT = "buarl.grid_point"
+
+
+class StorageError(BuarlError):
+    pass
+
+
+def redact(text: Any) -> str:
+    """Credentials never reach logs, params or artifacts: `s3://KEY:SECRET@b` -> `s3://***@b`."""
+    text = SECRET.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+    return SECRET_QUERY.sub(r"\1***", text)
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def open_store(tracking_uri: str):
+    """An MlflowClient that answers, or one clear StorageError (before any training)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir():
+            raise StorageError(f"--tracking-uri {tracking_uri}: folder {db.parent} does not exist")
+        probe = db.parent / f".buarl-write-probe-{time.time_ns()}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise StorageError(f"--tracking-uri {tracking_uri}: folder {db.parent} is not writable ({e.strerror})") from None
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # any failure to reach the store is a user-facing storage problem
+        raise StorageError(f"--tracking-uri {redact(tracking_uri)}: tracking store is unreachable "
+                           f"({type(e).__name__}: {redact(str(e).splitlines()[0])[:200]})") from None
+    return client
+
+
+def artifact_root(tracking_uri: str) -> Optional[str]:
+    """Experiments get an absolute artifact location next to a sqlite store."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment(client, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(tracking_uri)
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
+def parent_run(client, experiment_id: str, sweep: str, resume: bool, params: dict) -> str:
+    """The sweep's parent run: found again on --resume, else created."""
+    if resume:
+        found = client.search_runs([experiment_id], f"tags.{TAG_SWEEP} = '{sweep}' and tags.buarl.role = 'sweep'",
+                                   max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+    run = client.create_run(experiment_id, run_name=sweep, tags={TAG_SWEEP: sweep, "buarl.role": "sweep"})
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, redact(v)[:6000])
+    return run.info.run_id
+
+
+def mark_orphans(client, experiment_id: str, parent_id: str) -> int:
+    """Runs left RUNNING by a lost driver are marked KILLED (a resumed trial reopens its own)."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                              "attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_terminated(r.info.run_id, status="KILLED")
+        client.set_tag(r.info.run_id, "buarl.note", "driver lost; marked KILLED on resume")
+    return len(runs)
+
+
+def _numeric(result: dict) -> dict[str, float]:
+    skip = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+            "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total"}
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+
+
+def copy_checkpoint(path: str, dest: Path) -> Path:
+    """The files of a Ray checkpoint path (local folder, NFS or a remote URI) in `dest`."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    import pyarrow.fs as pafs
+    fs, rel = pafs.FileSystem.from_uri(path)
+    pafs.copy_files(rel, str(dest), source_filesystem=fs)
+    return dest
+
+
+class MlflowTrials(Callback):
+    """Driver-side Tune callback: a child run per trial with params, curves and artifacts."""
+
+    def __init__(self, client, experiment_id: str, parent_id: str, sweep: str, point: str, base: dict):
+        self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.sweep, self.point, self.base = sweep, point, base
+        self.runs: dict[str, str] = {}
+
+    def _run_for(self, trial) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.{TAG_TRIAL} = '{trial.trial_id}' and "
+            f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{self.point}-{trial.trial_id}",
+                tags={"mlflow.parentRunId": self.parent_id, TAG_TRIAL: trial.trial_id,
+                      TAG_SWEEP: self.sweep, TAG_POINT: self.point, "buarl.role": "trial"})
+            run_id = run.info.run_id
+            params = {**self.base, **trial.config}
+            from mlflow.entities import Param
+            self.client.log_batch(run_id, params=[Param(k, redact(v)[:6000]) for k, v in sorted(params.items())])
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+        run_id = self._run_for(trial)
+        step = int(result.get("iteration", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items() if v == v]
+        self.client.log_batch(run_id, metrics=metrics)
+        if result.get("stop_reason"):
+            self.client.set_tag(run_id, "buarl.stop_reason", redact(result["stop_reason"])[:5000])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        last = trial.last_result or {}
+        path = last.get("checkpoint_path")
+        if path:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = copy_checkpoint(path, Path(tmp))
+                for name in ("config.yaml", "metrics.json", "best.pt", "regions.png"):
+                    if (folder / name).exists():
+                        self.client.log_artifact(run_id, str(folder / name))
+        diverged = bool(last.get("diverged"))
+        if diverged:
+            self.client.set_tag(run_id, "buarl.status", "diverged")
+        self.client.set_terminated(run_id, status="FAILED" if diverged else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        self.client.set_tag(run_id, "buarl.status", "error")
+        self.client.set_terminated(run_id, status="FAILED")

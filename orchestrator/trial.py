@@ -1,0 +1,133 @@
+"""One Tune trial = one Ray Train run of buarl's loop on 1..N workers.
+
+The Tune function trainable builds a `TorchTrainer` named after the Tune trial id (so a
+restarted trial finds its own checkpoints) and calls `.fit()`. Each worker runs
+`buarl.train.train` with a `RayReporter`: the loop's one seam towards Ray.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from buarl.checkpoint import save_best
+from buarl.config import Config, validate
+from buarl.data import load_benchmark
+from buarl.errors import TrainingDiverged
+from buarl.train import Reporter, train
+
+STATE = "state.pt"
+
+
+def flat_test_metrics(metrics: dict) -> dict[str, float]:
+    """metrics.json -> flat `test_*` scalars (means and per class)."""
+    out = {f"test_{k}": float(metrics[k]) for k in ("dice", "jaccard", "hd95", "asd")}
+    for name, values in metrics["per_class"].items():
+        out.update({f"test_{k}_{name}": float(v) for k, v in values.items()})
+    out["test_empty_predictions"] = float(metrics["empty_predictions"])
+    return out
+
+
+class RayReporter(Reporter):
+    """Reports every evaluation to Ray Train with a checkpoint that can resume the run."""
+
+    def __init__(self, cfg: Config, preview_cases: list):
+        import ray.train
+        self.train_api = ray.train
+        self.cfg, self.preview_cases = cfg, preview_cases
+        self.rank = ray.train.get_context().get_world_rank()
+        self.scalars: dict[str, float] = {}
+        self.state: Optional[dict] = None
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.scalars = {f"train_{k}": float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
+
+    def _report(self, metrics: dict, files: dict[str, Any]) -> None:
+        if self.rank != 0:  # every rank reports; rank 0 alone writes the checkpoint
+            self.train_api.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            for name, write in files.items():
+                write(Path(d) / name)
+            self.train_api.report(metrics, checkpoint=self.train_api.Checkpoint.from_directory(d))
+
+    def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
+        self.state = state
+        self._report({**self.scalars, **metrics, "done": 0},
+                     {STATE: lambda p: torch.save(state, p)})
+
+    def restore(self) -> Optional[dict]:
+        ckpt = self.train_api.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            path = Path(d) / STATE
+            return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+    def finish(self, metrics: dict, best_weights: dict) -> None:
+        final = {**flat_test_metrics(metrics), "best_val_dice": float(metrics["best_val_dice"]),
+                 "val_dice": float(metrics["best_val_dice"]), "iteration": metrics["iterations"],
+                 "train_seconds": metrics["train_seconds"], "done": 1}
+
+        def regions(p: Path) -> None:
+            from buarl.nets import build
+            from buarl.visualize import region_grid
+            model = build(self.cfg.dataset, self.cfg.num_classes)
+            model.load_state_dict(best_weights)
+            region_grid(model, self.preview_cases, self.cfg, torch.device("cpu"), p)
+
+        files = {"best.pt": lambda p: save_best(p, best_weights, self.cfg, metrics["best_step"], metrics["best_val_dice"]),
+                 "config.yaml": lambda p: p.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=True)),
+                 "metrics.json": lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"),
+                 "regions.png": regions}
+        if self.state is not None:  # a restart after the end resumes straight to the end
+            files[STATE] = lambda p: torch.save(self.state, p)
+        self._report(final, files)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train.torch
+
+    cfg = validate(loop_config["cfg"], source="trial config")
+    if cfg.device.startswith("cuda"):
+        cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
+    world = ray.train.get_context().get_world_size()
+    data = load_benchmark(cfg)
+    reporter = RayReporter(cfg, data.val or data.test)
+    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m)
+    try:
+        train(cfg, reporter, wrap=wrap, data=data)
+    except TrainingDiverged as e:
+        # A diverged trial ends early with its reason; it is not retried (it would diverge again).
+        ray.train.report({"diverged": 1, "stop_reason": str(e), "val_dice": 0.0, "best_val_dice": 0.0,
+                          "done": 1})
+
+
+def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failures: int) -> None:
+    """The Tune function trainable: one TorchTrainer per trial, resumable by its name."""
+    from ray import tune
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    values = {**base, **config}
+    gpus = resources["gpus_per_worker"]
+    worker_res = {"CPU": resources["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": values},
+        scaling_config=ray.train.ScalingConfig(num_workers=resources["workers"], use_gpu=gpus > 0,
+                                               resources_per_worker=worker_res),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}", storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()

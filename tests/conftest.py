@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from buarl.data import phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+needs_real_data = pytest.mark.skipif(not (SHARED / "ACDC").is_dir() or not (SHARED / "LA").is_dir(),
+                                     reason=f"real data not found at {SHARED}")
+
+
+@pytest.fixture(scope="session")
+def acdc_phantom(tmp_path_factory) -> Path:
+    return phantom.make_acdc(tmp_path_factory.mktemp("acdc") / "ACDC", cases=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def la_phantom(tmp_path_factory) -> Path:
+    return phantom.make_la(tmp_path_factory.mktemp("la") / "LA", cases=4, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # The phantom cache of "no data root" runs goes to a test folder, not ~/.cache.
+    monkeypatch.setenv("BUARL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,203 @@
+"""Config validation, data loading, integrity errors, metrics against medpy."""
+import math
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from medpy import metric
+
+from buarl.cli import main
+from buarl.config import load_config, parse_overrides
+from buarl.data import load_benchmark
+from buarl.data.acdc import labeled_slice_count
+from buarl.data.sampling import TwoStreamSampler
+from buarl.errors import ConfigError, DataError
+from buarl.evaluate import case_metrics, dice_only
+from tests.conftest import SHARED, needs_real_data
+
+
+# ---- config -----------------------------------------------------------------------------
+def test_shipped_configs_validate():
+    for name in ("acdc", "acdc_cpu", "la", "la_cpu", "phantom", "phantom_la"):
+        cfg = load_config(name)
+        assert cfg.batch_size >= cfg.labeled_bs
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["iters=100", "url=false", "tau_l=0.7", "base=mt"]) == {
+        "iters": 100, "url": False, "tau_l": 0.7, "base": "mt"}
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"tau_lx": 0.5}, "unknown key 'tau_lx'"),
+    ({"tau_l": 1.5}, "key 'tau_l'"),
+    ({"iters": "many"}, "key 'iters'"),
+    ({"base": "fixmatch"}, "key 'base'"),
+    ({"labeled_bs": 20, "batch_size": 8}, "labeled_bs=20 is larger than batch_size=8"),
+])
+def test_bad_config_names_the_key(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_config("phantom", overrides)
+
+
+def test_cli_bad_config_is_one_line_and_exit_2(capsys, tmp_path):
+    code = main(["train", "--config", "phantom", "--set", "tau_u=2", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "tau_u" in err[0] and "Traceback" not in err[0]
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("iters: [1, 2\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+# ---- data ---------------------------------------------------------------------------------
+def test_acdc_phantom_layout_and_split(acdc_phantom):
+    cfg = load_config("phantom", {"data_root": str(acdc_phantom), "labeled": 2})
+    data = load_benchmark(cfg)
+    slices = (acdc_phantom / "train_slices.list").read_text().split()
+    first_two = {s.split("_")[0] for s in slices[: data.n_labeled]}
+    assert len(first_two) == 2 and slices[data.n_labeled].split("_")[0] not in first_two
+    assert data.images.shape[1:] == (1, 64, 64) and data.images.dtype == torch.float32
+    assert float(data.images.min()) >= 0 and float(data.images.max()) <= 1
+    assert len(data.labeled_idx) + len(data.unlabeled_idx) == len(slices)
+    assert len(data.val) == 2 and data.val[0].image.ndim == 3
+    x, y = data.batch(data.labeled_idx[:3], torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 64, 64) and y.shape == (3, 64, 64) and int(y.max()) <= 3
+    sizes = {h5py.File(acdc_phantom / "data" / "slices" / f"{s}.h5")["image"].shape for s in slices}
+    assert len(sizes) > 1, "phantom slices must vary in size like ACDC"
+
+
+def test_la_phantom_split(la_phantom):
+    cfg = load_config("phantom_la", {"data_root": str(la_phantom), "labeled": 2, "val_cases": 1})
+    data = load_benchmark(cfg)
+    assert (len(data.labeled_idx), len(data.unlabeled_idx), len(data.val)) == (2, 1, 1)
+    x, y = data.batch([0, 1], torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 32, 32, 32) and set(torch.unique(y).tolist()) <= {0, 1}
+
+
+def test_labeled_slice_count_on_phantom(acdc_phantom):
+    slices = (acdc_phantom / "train_slices.list").read_text().split()
+    per_patient = {}
+    for s in slices:
+        per_patient[s.split("_")[0]] = per_patient.get(s.split("_")[0], 0) + 1
+    counts = list(per_patient.values())
+    for n in (1, 2, 3):
+        assert labeled_slice_count(slices, n, acdc_phantom) == sum(counts[:n])
+    with pytest.raises(DataError, match="has only 4"):
+        labeled_slice_count(slices, 5, acdc_phantom / "train_slices.list")
+
+
+@needs_real_data
+def test_labeled_slice_count_matches_reference_map():
+    slices = (SHARED / "ACDC" / "train_slices.list").read_text().split()
+    assert [labeled_slice_count(slices, n, SHARED) for n in (3, 7, 14, 70)] == [68, 136, 256, 1312]
+
+
+def test_sampler_is_deterministic_and_keeps_streams_apart():
+    a = TwoStreamSampler(list(range(5)), list(range(5, 20)), 2, 3, seed=4)
+    b = TwoStreamSampler(list(range(5)), list(range(5, 20)), 2, 3, seed=4)
+    seen = set()
+    for _ in range(10):
+        (la, ua), (lb, ub) = a.next(), b.next()
+        assert la == lb and ua == ub
+        assert all(i < 5 for i in la) and all(i >= 5 for i in ua)
+        seen.update(la)
+    assert seen == set(range(5))
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "data"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _first_slice(root):
+    return root / "data" / "slices" / f"{(root / 'train_slices.list').read_text().split()[0]}.h5"
+
+
+def _rewrite(path, **arrays):
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f}
+    data.update(arrays)
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            if v is not None:
+                f.create_dataset(k, data=v)
+
+
+@pytest.mark.parametrize("breakage, fragment", [
+    ("missing_root", "no such folder"),
+    ("missing_list", "val.list: list file is missing"),
+    ("missing_file", "file is missing"),
+    ("escape", "points outside the data root"),
+    ("no_label", "no 'label' dataset"),
+    ("shape", "image shape"),
+    ("label_range", "label values must be integers in [0, 3]"),
+    ("nan", "NaN"),
+])
+def test_broken_data_is_refused_naming_the_file(acdc_phantom, tmp_path, breakage, fragment):
+    root = _copy(acdc_phantom, tmp_path)
+    first = _first_slice(root)
+    if breakage == "missing_root":
+        root = tmp_path / "nowhere"
+    elif breakage == "missing_list":
+        (root / "val.list").unlink()
+    elif breakage == "missing_file":
+        first.unlink()
+    elif breakage == "escape":
+        lst = root / "train_slices.list"
+        lst.write_text("../../../etc/passwd\n" + lst.read_text())
+    elif breakage == "no_label":
+        _rewrite(first, label=None)
+    elif breakage == "shape":
+        _rewrite(first, label=np.zeros((5, 5), np.uint8))
+    elif breakage == "label_range":
+        img = h5py.File(first)["image"][()]
+        _rewrite(first, label=np.full(img.shape, 7, np.uint8))
+    elif breakage == "nan":
+        img = h5py.File(first)["image"][()]
+        img[0, 0] = np.nan
+        _rewrite(first, image=img)
+    cfg = load_config("phantom", {"data_root": str(root)})
+    with pytest.raises(DataError, match=fragment.replace("[", r"\[").replace("]", r"\]")) as e:
+        load_benchmark(cfg)
+    if breakage not in ("missing_root", "escape", "missing_list"):
+        assert first.name in str(e.value)
+
+
+def test_labeled_larger_than_training_set(acdc_phantom):
+    with pytest.raises(DataError, match="labeled=9 patients"):
+        load_benchmark(load_config("phantom", {"data_root": str(acdc_phantom), "labeled": 9}))
+
+
+# ---- metrics -----------------------------------------------------------------------------
+def _squares():
+    gt = np.zeros((20, 20), bool)
+    gt[5:15, 5:15] = True
+    pred = np.zeros((20, 20), bool)
+    pred[7:17, 5:15] = True
+    return pred, gt
+
+
+def test_metrics_equal_medpy_on_overlapping_squares():
+    pred, gt = _squares()
+    m, empty = case_metrics(pred, gt)
+    assert not empty
+    assert m["dice"] == pytest.approx(0.8) and m["jaccard"] == pytest.approx(80 / 120)
+    assert m["hd95"] == pytest.approx(metric.binary.hd95(pred, gt))
+    assert m["asd"] == pytest.approx(metric.binary.asd(pred, gt))
+    assert dice_only(pred, gt) == pytest.approx(metric.binary.dc(pred, gt))
+
+
+def test_empty_prediction_policies():
+    _, gt = _squares()
+    empty = np.zeros_like(gt)
+    ref, flagged = case_metrics(empty, gt, "reference")
+    assert ref == {"dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0} and flagged
+    strict, flagged = case_metrics(empty, gt, "strict")
+    assert flagged and strict["dice"] == 0 and strict["hd95"] == pytest.approx(math.sqrt(800))
+    both, flagged = case_metrics(empty, empty, "strict")
+    assert both == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0} and not flagged

@@ -1,0 +1,86 @@
+"""Search-space validation and planning: all before Ray starts."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from orchestrator.space import load_space, make_plan
+from orchestrator.sweep import main
+from tests.conftest import ROOT
+
+GOOD = """
+base_config: phantom
+grid: {labeled: [2, 3]}
+search:
+  tau_l: {type: uniform, low: 0.1, high: 0.9}
+  ema_decay: {type: loguniform, low: 0.9, high: 0.999}
+  rampup_iters: {type: int, low: 0, high: 100, step: 10}
+  uncertainty: {type: categorical, choices: [entropy, mc_entropy]}
+num_samples: 2
+"""
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "space.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_shipped_spaces_plan(capsys):
+    for name in ("thresholds", "ema", "loss_weights", "ablation", "paper_acdc", "paper_la", "phantom_tiny"):
+        assert main(["--space", name, "--dry-run"]) == 0, name
+    out = capsys.readouterr().out
+    assert "grid points (12), one trial each (no search)" in out  # ablation: 6 switches x 2 seeds
+
+
+def test_one_study_per_label_ratio(tmp_path):
+    space, path = load_space(str(_write(tmp_path, GOOD)))
+    plan = make_plan(space, path, None, None, 1, 2)
+    assert [p.values["labeled"] for p in plan.points] == [2, 3]
+    assert plan.trials_per_point == 2 and plan.total_trials == 4
+
+
+def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
+    code = ("import sys; from orchestrator.sweep import main; "
+            f"rc = main(['--space', {str(_write(tmp_path, GOOD))!r}, '--dry-run']); "
+            "assert 'ray' not in sys.modules, 'dry-run imported ray'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for fragment in ("labeled=2_seed=1337", "labeled=3_seed=1337", "tau_l: uniform [0.1, 0.9]",
+                     "ema_decay: loguniform [0.9, 0.999]", "rampup_iters: int [0, 100]",
+                     "uncertainty: categorical choices ['entropy', 'mc_entropy']",
+                     "trials: 2 per grid point, 4 in total", "iteration budget: 80 per trial, 320 in total",
+                     "1 worker(s) x 1.0 CPU"):
+        assert fragment in out.stdout, fragment
+    assert not (tmp_path / "ray_results").exists()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("grid: {labeled: [2]}\nsearchh: {}\n", "unknown key 'searchh'"),
+    ("grid: {labeled: [2]}\nsearch: {tau_l: {type: uniform, low: 0.9, high: 0.1}}\n", "search.tau_l: low=0.9 > high=0.1"),
+    ("grid: {labeled: [2]}\nsearch: {tau_q: {type: uniform, low: 0.1, high: 0.2}}\n", "search.tau_q: unknown parameter"),
+    ("grid: {labeled: [2]}\nsearch: {tau_l: {type: uniform, low: low, high: 0.2}}\n", "search.tau_l.uniform.low"),
+    ("grid: {labeled: [2]}\nsearch: {tau_l: {type: gaussian, low: 0.1, high: 0.2}}\n", "distribution type must be one of"),
+    ("grid: {labeled: [2]}\nsearch: {lr: {type: loguniform, low: 0.0, high: 0.1}}\n", "loguniform needs low > 0"),
+    ("grid: {labeled: [2]}\nsearch: {tau_l: {type: uniform, low: 0.5, high: 1.5}}\n", "value 1.5 is outside"),
+    ("grid: {labeled: []}\n", "grid.labeled"),
+    ("grid: {labeled: [2]}\nnum_samples: 0\n", "num_samples"),
+    ("grid: {labeled: [2]}\nresources: {workers: 64}\n", "one trial needs 64 CPUs"),
+    ("grid: {labeled: [2]}\nfixed: {labeled_bs: 99}\n", "labeled_bs=99 is larger than batch_size"),
+    ("grid: [1, 2\n", "not valid YAML"),
+    ("- just a list\n", "expected a mapping"),
+])
+def test_malformed_space_exits_2_with_one_line(tmp_path, capsys, text, fragment):
+    path = _write(tmp_path, "base_config: phantom\n" + text if not text.startswith("-") else text)
+    assert main(["--space", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and str(path) in err[0], err
+
+
+def test_missing_space_file_and_bad_flags(capsys):
+    assert main(["--space", "no_such_space"]) == 2
+    assert "not one of search_spaces/" in capsys.readouterr().err
+    assert main(["--space", "thresholds", "--num-samples", "0"]) == 2
+    assert main(["--space", "thresholds", "--data-root", "/no/such/dir"]) == 2
+    assert "no such folder" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""Sweeps on a local Ray cluster: MLflow runs, Optuna sampling, DDP, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+SPACE = {
+    "base_config": "phantom", "phantom_config": "phantom",
+    "phantom_fixed": {"pretrain_iters": 4, "iters": 8, "eval_every": 4, "log_every": 4},
+    "grid": {"labeled": [2, 3]},
+    "search": {"tau_l": {"type": "uniform", "low": 0.1, "high": 0.9},
+               "tau_u": {"type": "uniform", "low": 0.1, "high": 0.9}},
+    "num_samples": 1, "metric": "best_val_dice", "mode": "max",
+}
+
+
+def _sweep(tmp_path, space, *extra, name="sweep", timeout=900, env_extra=None):
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump({**space, "name": name}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    cmd = [sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(spec),
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray"), *extra]
+    return cmd, env
+
+
+def _runs(tmp_path, experiment):
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def test_sweep_logs_one_finished_child_per_trial(tmp_path):
+    cmd, env = _sweep(tmp_path, SPACE, "--num-samples", "2")
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "best configuration per grid point" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+    runs = _runs(tmp_path, "sweep")
+    parents = runs[runs["tags.buarl.role"] == "sweep"]
+    children = runs[runs["tags.buarl.role"] == "trial"]
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    assert len(children) == 4 and set(children["status"]) == {"FINISHED"}
+    assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    # one Optuna study per label ratio: two grid points, two trials each, two Tune experiments
+    assert sorted(children["tags.buarl.grid_point"].value_counts().tolist()) == [2, 2]
+    assert {p.name for p in (tmp_path / "ray" / "sweep").iterdir() if p.name.startswith("labeled=")} == {
+        "labeled=2_seed=1337", "labeled=3_seed=1337"}
+    for col in ("test_dice", "test_jaccard", "test_dice_RV", "best_val_dice"):
+        assert children[f"metrics.{col}"].between(0, 1).all(), col
+    assert (children["metrics.test_hd95"] >= 0).all()
+    tau = children[["params.tau_l", "params.tau_u"]].astype(float)
+    assert tau.stack().between(0.1, 0.9).all() and tau["tau_l"].nunique() == 4, "Optuna must sample"
+    assert set(children["params.labeled"]) == {"2", "3"}
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = children.iloc[0]["run_id"]
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "best.pt", "metrics.json", "regions.png"} <= names
+    history = client.get_metric_history(run_id, "val_dice")
+    assert [m.step for m in history][:2] == [4, 8]
+
+
+def test_two_worker_ddp_keeps_replicas_identical(tmp_path, acdc_phantom):
+    """Both DDP replicas of buarl's loop end with the same weights (gloo on CPU)."""
+    code = f"""
+import hashlib, json, os, ray, torch
+import ray.train
+from ray.train.torch import TorchTrainer, prepare_model
+from buarl.config import load_config
+from buarl.train import Reporter, train
+
+class Dump(Reporter):
+    def finish(self, metrics, best):
+        pass
+
+def worker(cfg):
+    c = load_config("phantom", cfg)
+    rank = ray.train.get_context().get_world_rank()
+    holder = {{}}
+    def wrap(m):
+        holder["m"] = m
+        return prepare_model(m, move_to_device=False)
+    train(c, Dump(), wrap=wrap)
+    core = holder["m"]
+    digest = hashlib.sha256(b"".join(p.detach().double().numpy().tobytes() for p in core.state_dict().values())).hexdigest()
+    open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.txt"), "w").write(digest)
+
+ray.init(num_cpus=3, include_dashboard=False)
+TorchTrainer(worker, train_loop_config={{"data_root": {str(acdc_phantom)!r}, "pretrain_iters": 2, "iters": 3,
+             "eval_every": 10, "threads": 1}},
+             scaling_config=ray.train.ScalingConfig(num_workers=2),
+             run_config=ray.train.RunConfig(storage_path={str(tmp_path / 'ray')!r}, name="ddp")).fit()
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert a == b
+
+
+def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
+    space = {**SPACE, "grid": {"labeled": [2]}, "num_samples": 3}
+    cmd, env = _sweep(tmp_path, space, name="resume")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 600
+    finished = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(3)
+        if (tmp_path / "mlflow.db").exists():
+            try:
+                runs = _runs(tmp_path, "resume")
+            except Exception:
+                continue
+            if "tags.buarl.role" in runs:
+                kids = runs[runs["tags.buarl.role"] == "trial"]
+                finished = kids[kids["status"] == "FINISHED"]["tags.buarl.trial_id"].tolist()
+                if finished and len(kids) > len(finished):
+                    break
+    assert finished, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    before = _runs(tmp_path, "resume")
+    ended = {r["tags.buarl.trial_id"]: r["end_time"] for _, r in before.iterrows()
+             if r["tags.buarl.role"] == "trial" and r["status"] == "FINISHED"}
+
+    out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    after = _runs(tmp_path, "resume")
+    kids = after[after["tags.buarl.role"] == "trial"]
+    assert len(kids) == 3 and set(kids["status"]) == {"FINISHED"}, kids[["status", "tags.buarl.trial_id"]]
+    assert kids["tags.buarl.trial_id"].nunique() == 3
+    for trial_id, end in ended.items():  # finished trials were not run again
+        row = kids[kids["tags.buarl.trial_id"] == trial_id].iloc[0]
+        assert row["end_time"] == end
+    assert (after[after["tags.buarl.role"] == "sweep"]["status"] == "FINISHED").all()

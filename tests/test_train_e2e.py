@@ -1,0 +1,137 @@
+"""End-to-end runs of `buarl train` / `buarl evaluate` with tiny iteration counts."""
+import json
+
+import pytest
+import yaml
+
+from buarl.cli import main
+from buarl.config import load_config
+from buarl.train import Reporter, train
+from tests.conftest import SHARED, needs_real_data
+
+TINY = ["pretrain_iters=4", "iters=6", "eval_every=5", "log_every=5"]
+
+
+def _check_run(out, dataset):
+    assert {"config.yaml", "best.pt", "metrics.json", "train.log", "run.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["jaccard"] <= metrics["dice"] + 1e-9
+    assert metrics["hd95"] >= 0 and metrics["asd"] >= 0
+    names = ["RV", "Myo", "LV"] if dataset == "acdc" else ["LA"]
+    assert sorted(metrics["per_class"]) == sorted(names)
+    assert len(metrics["per_case"]) == metrics["cases"] > 0
+    assert metrics["empty_policy"] == "reference" and metrics["empty_predictions"] >= 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert load_config(str(out / "config.yaml")).to_dict() == cfg  # the resolved config reloads as is
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == cfg["seed"] and run["code_version"] and run["data_root"] == cfg["data_root"]
+    return metrics
+
+
+def _evaluate_reproduces(out, capsys, metrics):
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for k in ("dice", "jaccard", "hd95", "asd", "empty_predictions"):
+        assert printed[k] == pytest.approx(metrics[k], abs=1e-9), k
+    assert (out / "evaluate_test_reference.json").exists()
+    assert (out / "metrics.json").exists()  # evaluation never overwrites the training metrics
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_acdc_phantom(acdc_phantom, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "phantom", "--data-root", str(acdc_phantom), "--out", str(out),
+                 "--set", *TINY]) == 0
+    log = (out / "train.log").read_text()
+    assert "val_dice=" in log and "it      5 loss=" in log
+    _evaluate_reproduces(out, capsys, _check_run(out, "acdc"))
+    # A second run into the same folder is refused rather than overwriting it.
+    assert main(["train", "--config", "phantom", "--data-root", str(acdc_phantom), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_la_phantom(la_phantom, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "phantom_la", "--data-root", str(la_phantom), "--out", str(out),
+                 "--set", "pretrain_iters=2", "iters=3", "eval_every=5"]) == 0
+    _evaluate_reproduces(out, capsys, _check_run(out, "la"))
+
+
+@pytest.mark.slow
+def test_default_runs_on_a_cached_phantom(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--set", *TINY]) == 0
+    assert "using the built-in ACDC phantom" in capsys.readouterr().err
+    _check_run(out, "acdc")
+
+
+class Collect(Reporter):
+    def __init__(self):
+        self.logs, self.evals = [], []
+
+    def log(self, step, scalars):
+        self.logs.append((step, scalars))
+
+    def checkpoint(self, step, metrics, state, is_best):
+        self.evals.append((step, metrics, is_best))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base, url, crl", [("supervised", True, False), ("mt", True, True),
+                                            ("mt", False, False), ("bcp", False, True)])
+def test_every_base_and_switch_trains(acdc_phantom, base, url, crl):
+    sets = {"data_root": str(acdc_phantom), "base": base, "url": url, "crl": crl, "pretrain_iters": 2,
+            "iters": 4, "eval_every": 2, "log_every": 2, "rampup_iters": 4, "uncertainty": "entropy"}
+    rep = Collect()
+    metrics = train(load_config("phantom", sets), rep)
+    assert [s for s, _ in rep.logs] == ([2, 4, 6] if base == "bcp" else [2, 4])
+    if url:
+        assert all(0 <= sc["frac_high"] <= 1 for _, sc in rep.logs if "frac_high" in sc)
+    assert 0 <= metrics["dice"] <= 1
+
+
+@pytest.mark.slow
+def test_mc_entropy_and_student_source(acdc_phantom):
+    for extra in ({"uncertainty": "mc_entropy", "mc_passes": 2}, {"uncertainty_source": "student"},
+                  {"region_mode": "quantile", "tau_l": 0.8, "tau_u": 0.5}):
+        cfg = load_config("phantom", {"data_root": str(acdc_phantom), "pretrain_iters": 1, "iters": 2,
+                                      "eval_every": 10, **extra})
+        assert 0 <= train(cfg)["dice"] <= 1
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(acdc_phantom):
+    cfg = load_config("phantom", {"data_root": str(acdc_phantom), "pretrain_iters": 3, "iters": 4,
+                                  "eval_every": 2, "log_every": 2})
+    runs = [Collect() for _ in range(3)]
+    a, b = train(cfg, runs[0]), train(cfg, runs[1])
+    for k in ("dice", "jaccard", "hd95", "asd", "best_val_dice"):
+        assert a[k] == b[k], k
+    losses = [[sc["loss"] for _, sc in r.logs] for r in runs]
+    assert losses[0] == losses[1] and len(losses[0]) > 1
+    train(cfg.model_copy(update={"seed": cfg.seed + 1}), runs[2])
+    losses[2] = [sc["loss"] for _, sc in runs[2].logs]
+    assert losses[2] != losses[0], "another seed must change the batches and the losses"
+
+
+@pytest.mark.slow
+@needs_real_data
+def test_real_acdc_tiny(tmp_path, capsys):
+    out = tmp_path / "acdc"
+    assert main(["train", "--config", "acdc_cpu", "--data-root", str(SHARED / "ACDC"), "--out", str(out),
+                 "--set", "labeled=3", "pretrain_iters=2", "iters=3", "eval_every=5", "val_cases=2",
+                 "test_cases=2"]) == 0
+    metrics = _check_run(out, "acdc")
+    assert metrics["cases"] == 2
+    _evaluate_reproduces(out, capsys, metrics)
+
+
+@pytest.mark.slow
+@needs_real_data
+def test_real_la_tiny(tmp_path):
+    out = tmp_path / "la"
+    assert main(["train", "--config", "la_cpu", "--data-root", str(SHARED / "LA"), "--out", str(out),
+                 "--set", "pretrain_iters=2", "iters=2", "eval_every=10", "val_cases=1", "test_cases=1",
+                 "la_stride_xy=64", "la_stride_z=48"]) == 0
+    assert _check_run(out, "la")["cases"] == 1
