@@ -34,7 +34,7 @@ def read(path: Path) -> dict:
         raise CheckpointError(f"{path}: checkpoint file is missing")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
                               f"{str(e).splitlines()[0][:120]})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
@@ -147,14 +148,17 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     else:
         search = None
         if s.search:
-            seed = int(point.values.get("seed", 0))
+            # Each study gets its own reproducible sampler seed (grid points sharing a run seed
+            # would otherwise propose identical hyperparameters).
+            seed = zlib.crc32(f"{sweep}/{point.name}".encode()) % 2**31
             search = ConcurrencyLimiter(OptunaSearch(metric=s.metric, mode=s.mode, seed=seed), plan.max_concurrent)
         scheduler = ASHAScheduler(grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor) \
             if s.scheduler else None
         tuner = tune.Tuner(
             trainable, param_space=param_space(plan),
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,
-                                        num_samples=plan.trials_per_point, max_concurrent_trials=plan.max_concurrent),
+                                        num_samples=plan.trials_per_point,
+                                        max_concurrent_trials=None if search else plan.max_concurrent),
             run_config=run_config)
     return tuner.fit()
 
@@ -212,13 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no --data-root: running on the built-in phantom at {root}\n"
               f"  (point at real data with --data-root, e.g. --data-root ../shared/data/ACDC)", flush=True)
 
+    # The classic CLIReporter table (trimmed to the searched parameters and the metrics)
+    # instead of the new engine's per-trial result dumps; worker logs stay in Ray's files.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     if args.address:
-        ray.init(address=args.address, log_to_driver=True)
+        ray.init(address=args.address, log_to_driver=False)
     else:
         # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
         # clean up placement groups; without it a finished trial spins on errors.
-        ray.init(num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False)
     exp_id = experiment(client, plan.space.name, tracking_uri)
     parent = parent_run(client, exp_id, sweep, args.resume,
                         {"space": plan.space_file, "data_root": plan.base.get("data_root"), "storage": storage,

@@ -7,6 +7,7 @@ each trial has exactly one run with one continuous metric history.
 """
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
@@ -54,6 +55,9 @@ def open_store(tracking_uri: str):
             probe.unlink()
         except OSError as e:
             raise StorageError(f"--tracking-uri {tracking_uri}: folder {db.parent} is not writable ({e.strerror})") from None
+    # Fail fast on an unreachable server instead of MLflow's minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:

@@ -1,0 +1,274 @@
+"""`buarl-tables --experiment NAME`: paper tables and plots from MLflow runs, never by hand.
+
+runs (mlflow.search_runs -> pandas) -> one FINISHED run per trial -> one run per
+(method, labeled, seed): the trial with the best validation metric -> tables:
+  comparison: methods x label ratio, Dice % / Jaccard % / 95HD / ASD, mean ± std over seeds,
+              best of ours in bold, published numbers in their own labelled rows;
+  ablation:   URL / CRL marks over the BCP base, gain over the base row, paired t-test;
+  sensitivity: val/test Dice against each searched parameter; parallel coordinates.
+Each table as Markdown, LaTeX (booktabs) and CSV, with a README naming the sweep command.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from buarl.errors import BuarlError  # noqa: E402
+
+METRICS = [("dice", "Dice %", 100.0, "max"), ("jaccard", "Jaccard %", 100.0, "max"),
+           ("hd95", "95HD", 1.0, "min"), ("asd", "ASD", 1.0, "min")]
+SEARCHABLE = ["tau_l", "tau_u", "lambda_url", "lambda_crl", "ema_decay", "rampup_iters"]
+METHOD_ORDER = ["Supervised", "MT", "MT+URL", "MT+CRL", "MT+URL+CRL", "BCP", "BCP+URL", "BCP+CRL", "BUARL"]
+PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "reference" / "published.csv"
+RATIO = {"acdc": {3: "5%", 7: "10%", 14: "20%", 70: "100%"}, "la": {4: "5%", 8: "10%", 16: "20%", 80: "100%"}}
+
+
+class TablesError(BuarlError):
+    pass
+
+
+def method_name(base: str, url: bool, crl: bool) -> str:
+    if base == "supervised":
+        return "Supervised"
+    if base == "bcp" and url and crl:
+        return "BUARL"
+    name = base.upper()
+    return name + ("+URL" if url else "") + ("+CRL" if crl else "")
+
+
+def _bool(v) -> bool:
+    return str(v).lower() in ("true", "1")
+
+
+def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
+    """One row per trial: FINISHED runs only, a trial logged twice counted once."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    mlflow.set_tracking_uri(tracking_uri)
+    if MlflowClient(tracking_uri).get_experiment_by_name(experiment) is None:
+        raise TablesError(f"experiment {experiment!r} not found in {tracking_uri}")
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    if runs.empty or "tags.buarl.role" not in runs:
+        raise TablesError(f"experiment {experiment!r} has no trial runs")
+    trials = runs[(runs["tags.buarl.role"] == "trial") & (runs["status"] == "FINISHED")].copy()
+    if trials.empty:
+        raise TablesError(f"experiment {experiment!r} has no FINISHED trial runs")
+    trials = trials.sort_values("end_time").drop_duplicates("tags.buarl.trial_id", keep="last")
+    trials["method"] = [method_name(b, _bool(u), _bool(c)) for b, u, c in
+                        zip(trials["params.base"], trials["params.url"], trials["params.crl"])]
+    trials["labeled"] = trials["params.labeled"].astype(int)
+    trials["seed"] = trials["params.seed"].astype(int)
+    trials["dataset"] = trials["params.dataset"]
+    return trials
+
+
+def best_per_seed(trials: pd.DataFrame, metric: str = "metrics.best_val_dice") -> pd.DataFrame:
+    """A searched sweep has many trials per (method, labeled, seed): keep the best on validation."""
+    order = trials.sort_values(metric, ascending=False, na_position="last")
+    return order.drop_duplicates(["method", "labeled", "seed"], keep="first")
+
+
+def ratio_label(dataset: str, labeled: int) -> str:
+    pct = RATIO.get(dataset, {}).get(labeled)
+    return f"{labeled} {'patients' if dataset == 'acdc' else 'scans'}" + (f" ({pct})" if pct else "")
+
+
+def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(numbers, display): numbers has mean/std/n per method x labeled x metric."""
+    rows = []
+    for (method, labeled), g in chosen.groupby(["method", "labeled"]):
+        row = {"method": method, "labeled": labeled, "dataset": g["dataset"].iloc[0], "n_seeds": len(g),
+               "source": "ours"}
+        for key, _, scale, _ in METRICS:
+            values = g[f"metrics.test_{key}"].astype(float) * scale
+            row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+        rows.append(row)
+    numbers = pd.DataFrame(rows)
+    numbers["order"] = numbers["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
+    numbers = numbers.sort_values(["labeled", "order"]).drop(columns="order")
+    dataset = numbers["dataset"].iloc[0]
+    labels = sorted(numbers["labeled"].unique())
+    display = pd.DataFrame(index=pd.Index(list(dict.fromkeys(numbers["method"])), name="Method"))
+    for labeled in labels:
+        part = numbers[numbers["labeled"] == labeled].set_index("method")
+        for key, title, _, better in METRICS:
+            col = (ratio_label(dataset, labeled), title)
+            means = part[f"{key}_mean"]
+            best = means.max() if better == "max" else means.min()
+            cells = {}
+            for m, r in part.iterrows():
+                text = f"{r[f'{key}_mean']:.2f} ± {r[f'{key}_std']:.2f}" if r["n_seeds"] > 1 else f"{r[f'{key}_mean']:.2f}"
+                cells[m] = f"**{text}**" if np.isclose(r[f"{key}_mean"], best) else text
+            display[col] = pd.Series(cells)
+    display.columns = pd.MultiIndex.from_tuples(display.columns)
+    display = display.fillna("–")
+    if published is not None:
+        pub = published[(published["dataset"] == dataset) & (published["labeled"].isin(labels))]
+        for method, g in pub.groupby("method", sort=False):
+            name = f"{method} (published)"
+            display.loc[name] = "–"
+            for _, r in g.iterrows():
+                for key, title, _, _ in METRICS:
+                    v = r.get(key)
+                    if pd.notna(v) and str(v) != "":
+                        display.loc[name, (ratio_label(dataset, int(r["labeled"])), title)] = f"{float(v):.2f}"
+    return numbers, display
+
+
+def ablation(chosen: pd.DataFrame) -> pd.DataFrame:
+    from scipy import stats
+    bcp = chosen[chosen["params.base"] == "bcp"]
+    rows = []
+    for labeled, g in bcp.groupby("labeled"):
+        base = g[g["method"] == "BCP"].set_index("seed")
+        for method in [m for m in ("BCP", "BCP+URL", "BCP+CRL", "BUARL") if m in set(g["method"])]:
+            part = g[g["method"] == method].set_index("seed")
+            dice = part["metrics.test_dice"].astype(float) * 100
+            row = {"labeled": labeled, "URL": "✓" if method in ("BCP+URL", "BUARL") else "",
+                   "CRL": "✓" if method in ("BCP+CRL", "BUARL") else "", "method": method, "n_seeds": len(part)}
+            for key, title, scale, _ in METRICS:
+                row[title] = part[f"metrics.test_{key}"].astype(float).mean() * scale
+            row["Δ Dice vs BCP"] = np.nan
+            row["p (paired t)"] = np.nan
+            if not base.empty and method != "BCP":
+                common = sorted(set(base.index) & set(part.index))
+                base_dice = base["metrics.test_dice"].astype(float) * 100
+                row["Δ Dice vs BCP"] = dice.mean() - base_dice.mean()
+                if len(common) >= 2:
+                    row["p (paired t)"] = float(stats.ttest_rel(dice.loc[common], base_dice.loc[common]).pvalue)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _latex_text(v) -> str:
+    if not isinstance(v, str):
+        return v
+    text = v.replace("%", r"\%").replace("±", r"$\pm$").replace("✓", r"\checkmark")
+    return r"\textbf{" + text.strip("*") + "}" if text.startswith("**") else text
+
+
+def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool) -> None:
+    """CSV (raw), Markdown (flat headers) and LaTeX (booktabs) of one table."""
+    df.to_csv(out / f"{stem}.csv", index=index)
+    flat = df.copy()
+    if isinstance(flat.columns, pd.MultiIndex):
+        flat.columns = [" ".join(c) for c in flat.columns]
+    for col, fmt in (("Δ Dice vs BCP", "{:+.2f}"), ("p (paired t)", "{:.3g}")):
+        if col in flat:
+            flat[col] = flat[col].map(lambda v, f=fmt: "–" if pd.isna(v) else f.format(v))
+    flat = flat.map(lambda v: "–" if isinstance(v, float) and np.isnan(v) else v)
+    (out / f"{stem}.md").write_text(flat.to_markdown(index=index, floatfmt=".2f") + "\n")
+    tex = flat.rename(columns={"Δ Dice vs BCP": r"$\Delta$ Dice vs BCP"}) if not isinstance(df.columns, pd.MultiIndex) \
+        else df
+    tex = tex.map(_latex_text)
+    tex.columns = (pd.MultiIndex.from_tuples([tuple(_latex_text(x) for x in c) for c in tex.columns])
+                   if isinstance(tex.columns, pd.MultiIndex) else [_latex_text(c) for c in tex.columns])
+    if index:
+        tex.index = [_latex_text(str(i)) for i in tex.index]
+    styler = tex.style.format(precision=2, na_rep="–")
+    if not index:
+        styler = styler.hide(axis="index")
+    (out / f"{stem}.tex").write_text(styler.to_latex(hrules=True, multicol_align="c") + "\n")
+
+
+def plots(trials: pd.DataFrame, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    searched = [p for p in SEARCHABLE if f"params.{p}" in trials and trials[f"params.{p}"].astype(float).nunique() > 1]
+    for p in searched:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for labeled, g in trials.groupby("labeled"):
+            x = g[f"params.{p}"].astype(float)
+            ax.scatter(x, g["metrics.best_val_dice"], marker="o", label=f"val, labeled={labeled}")
+            ax.scatter(x, g["metrics.test_dice"], marker="x", label=f"test, labeled={labeled}")
+        ax.set_xlabel(p), ax.set_ylabel("Dice"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"sensitivity_{p}.png", dpi=100)
+        plt.close(fig)
+        made.append(f"sensitivity_{p}.png")
+    if searched:
+        cols = [f"params.{p}" for p in searched] + ["metrics.best_val_dice", "metrics.test_dice"]
+        frame = trials[cols].astype(float)
+        norm = (frame - frame.min()) / (frame.max() - frame.min()).replace(0, 1)
+        norm.columns = [c.split(".", 1)[1] for c in cols]
+        norm["labeled"] = trials["labeled"].astype(str).values
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        pd.plotting.parallel_coordinates(norm, "labeled", ax=ax, alpha=0.7)
+        ax.set_ylabel("normalised value"), ax.set_title("sweep trials (min-max scaled per axis)")
+        fig.tight_layout()
+        fig.savefig(out / "parallel.png", dpi=100)
+        plt.close(fig)
+        made.append("parallel.png")
+    return made
+
+
+def readme(experiment: str, tracking_uri: str, trials: pd.DataFrame, parents: list[dict], files: list[str]) -> str:
+    lines = [f"# Tables of experiment `{experiment}`", "",
+             "Generated by `buarl-tables` from the MLflow runs; do not edit by hand.", "",
+             f"- tracking store: `{tracking_uri}`",
+             f"- trials counted: {len(trials)} FINISHED (one run per trial)"]
+    for p in parents:
+        lines.append(f"- sweep `{p.get('name')}`: `{p.get('command')}` (code {p.get('code')})")
+    lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), "",
+              "Comparison: test metrics of the best-on-validation trial per (method, label ratio, "
+              "seed), mean ± std over seeds; bold = best of our rows per column; rows marked "
+              "(published) are numbers from `results/reference/published.csv`, not ours.", ""]
+    return "\n".join(lines)
+
+
+def build(experiment: str, tracking_uri: str, out: Path, published_csv: Path = PUBLISHED) -> list[str]:
+    trials = load_runs(experiment, tracking_uri)
+    out.mkdir(parents=True, exist_ok=True)
+    published = pd.read_csv(published_csv) if published_csv and Path(published_csv).is_file() else None
+    chosen = best_per_seed(trials)
+    numbers, display = comparison(chosen, published)
+    files = []
+    write_table(display, out, "comparison", index=True)
+    numbers.to_csv(out / "comparison_numbers.csv", index=False)
+    files += ["comparison.md", "comparison.tex", "comparison.csv", "comparison_numbers.csv"]
+    abl = ablation(chosen)
+    if not abl.empty:
+        write_table(abl, out, "ablation", index=False)
+        files += ["ablation.md", "ablation.tex", "ablation.csv"]
+    files += plots(trials, out)
+    import mlflow
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    parents = [{"name": r.get("tags.buarl.sweep"), "command": r.get("params.command"),
+                "code": r.get("tags.buarl.code_version")}
+               for _, r in runs[runs["tags.buarl.role"] == "sweep"].iterrows()]
+    (out / "README.md").write_text(readme(experiment, tracking_uri, trials, parents, files))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="buarl-tables", description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", required=True, help="MLflow experiment (the space name)")
+    p.add_argument("--tracking-uri", help="default sqlite:///$PWD/mlflow.db")
+    p.add_argument("--out", help="output folder (default results/<experiment>)")
+    p.add_argument("--published", default=str(PUBLISHED), help="published reference numbers (CSV)")
+    args = p.parse_args(argv)
+    from orchestrator.tracking import default_tracking_uri
+    uri = args.tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"buarl-tables: error: no tracking database at {uri}", file=sys.stderr)
+        return 2
+    try:
+        files = build(args.experiment, uri, Path(args.out or f"results/{args.experiment}"), Path(args.published))
+    except BuarlError as e:
+        print(f"buarl-tables: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(files)} files to {args.out or f'results/{args.experiment}'}: {', '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

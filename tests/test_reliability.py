@@ -1,0 +1,154 @@
+"""Faults and bad input: refused early with one clear line, nothing lost (issue: reliability)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from buarl.cli import main as buarl_main
+from orchestrator.sweep import main as sweep_main
+from orchestrator.tracking import redact
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, acdc_phantom):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    assert buarl_main(["train", "--config", "phantom", "--data-root", str(acdc_phantom), "--out", str(out),
+                       "--set", "pretrain_iters=2", "iters=2", "eval_every=2"]) == 0
+    return out
+
+
+def test_truncated_checkpoint_is_refused(trained, tmp_path, capsys):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes((trained / "best.pt").read_bytes()[:5000])
+    assert buarl_main(["evaluate", "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "truncated or corrupt" in err[0] and str(bad) in err[0]
+
+
+def test_wrong_architecture_checkpoint_is_refused(trained, tmp_path, capsys):
+    obj = torch.load(trained / "best.pt", weights_only=True)
+    obj["config"]["dataset"] = "la"  # UNet weights presented as a VNet checkpoint
+    bad = tmp_path / "best.pt"
+    torch.save(obj, bad)
+    assert buarl_main(["evaluate", "--checkpoint", str(bad)]) == 2
+    assert "do not fit the VNet architecture" in capsys.readouterr().err
+
+
+def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "buarl-checkpoint-v1", "x": Evil()}, bad)
+    assert buarl_main(["evaluate", "--checkpoint", str(bad)]) == 2
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_redaction_of_credentials():
+    assert redact("s3://AKIA123:s3cr3t@bucket/path") == "s3://***@bucket/path"
+    assert redact("https://u:p@host/x?token=abc&x=1") == "https://***@host/x?token=***&x=1"
+    assert redact("/plain/path") == "/plain/path"
+
+
+def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys):
+    rc = sweep_main(["--space", "phantom_tiny", "--tracking-uri", "http://127.0.0.1:9",
+                     "--storage", str(tmp_path / "ray")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tracking store is unreachable" in err
+    assert not any((tmp_path / "ray").glob("*/*"))  # nothing trained
+
+
+def test_unwritable_results_folder_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", str(blocker / "ray"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert rc == 2 and "results folder is not writable" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_existing_sweep_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
+    (tmp_path / "ray" / "phantom_tiny" / "keep.txt").write_text("x")
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert rc == 2 and "add --resume" in capsys.readouterr().err
+    assert (tmp_path / "ray" / "phantom_tiny" / "keep.txt").read_text() == "x"
+
+
+def _space(tmp_path, name, **over):
+    space = {"name": name, "base_config": "phantom", "phantom_config": "phantom",
+             "fixed": {"pretrain_iters": 2, "iters": 6, "eval_every": 2, "log_every": 2},
+             "grid": {"labeled": [2]}, "metric": "best_val_dice", "mode": "max", **over}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _sweep_cmd(tmp_path, space):
+    return [sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(space),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
+
+
+def _runs(tmp_path, name):
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[name])
+    return runs[runs["tags.buarl.role"] == "trial"] if "tags.buarl.role" in runs else runs
+
+
+@pytest.mark.slow
+def test_diverging_trial_stops_with_reason_and_sweep_goes_on(tmp_path):
+    space = _space(tmp_path, "diverge", grid={"labeled": [2], "switches": [{"lr": 1.0e12}, {"lr": 0.03}]})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run(_sweep_cmd(tmp_path, space), env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = _runs(tmp_path, "diverge").set_index("params.lr")
+    bad, good = runs.loc[str(1.0e12)], runs.loc["0.03"]
+    assert bad["status"] == "FAILED" and "loss became" in bad["tags.buarl.stop_reason"]
+    assert bad["metrics.diverged"] == 1
+    assert good["status"] == "FINISHED" and 0 <= good["metrics.test_dice"] <= 1
+
+
+@pytest.mark.slow
+def test_lost_worker_resumes_from_checkpoint(tmp_path):
+    """Kill the Ray Train worker mid-trial: the trial continues from its last checkpoint."""
+    import psutil
+    space = _space(tmp_path, "lostworker", fixed={"pretrain_iters": 4, "iters": 40, "eval_every": 4,
+                                                  "log_every": 4})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(_sweep_cmd(tmp_path, space), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed, deadline = None, time.time() + 600
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        time.sleep(1)
+        try:
+            runs = _runs(tmp_path, "lostworker")
+        except Exception:
+            continue
+        if len(runs) and runs.get("metrics.val_dice") is not None and runs["metrics.val_dice"].notna().any():
+            steps = runs.iloc[0].get("metrics.iteration")
+            if steps and steps >= 8:
+                for p in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])):
+                        p.kill()
+                        killed = steps
+                        break
+    assert killed, "no worker was found to kill"
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    runs = _runs(tmp_path, "lostworker")
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    from mlflow.tracking import MlflowClient
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(runs.iloc[0]["run_id"], "val_dice")
+    steps = [m.step for m in history]
+    assert steps[-1] == 44 and 4 in steps
+    # resumed, not restarted: the steps before the kill were not trained (and logged) again
+    assert len(steps) == len(set(steps)), steps

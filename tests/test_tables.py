@@ -1,0 +1,85 @@
+"""Paper tables from an MLflow store: values traced back to the runs they came from."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from orchestrator.tables import main
+
+METHODS = {"Supervised": ("supervised", False, False), "BCP": ("bcp", False, False),
+           "BCP+URL": ("bcp", True, False), "BUARL": ("bcp", True, True)}
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A synthetic experiment: 4 methods x 2 seeds at labeled=3, plus a duplicated trial,
+    an unfinished run and a searched trial that loses on validation."""
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("abl", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.sweep": "abl"}).info.run_id
+    client.log_param(parent, "command", "buarl-sweep --space ablation")
+    client.set_terminated(parent)
+    rng = np.random.default_rng(0)
+    truth = {}
+
+    def add(trial, method, seed, dice, val, status="FINISHED", tau=0.5):
+        base, url, crl = METHODS[method]
+        run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": trial,
+                                           "mlflow.parentRunId": parent}).info.run_id
+        for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": seed, "dataset": "acdc",
+                     "tau_l": tau}.items():
+            client.log_param(run, k, v)
+        for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
+                     "test_asd": 2 - dice, "best_val_dice": val}.items():
+            client.log_metric(run, k, v)
+        client.set_terminated(run, status=status)
+
+    for i, method in enumerate(METHODS):
+        for seed in (1, 2):
+            dice = 0.5 + 0.1 * i + 0.01 * seed + rng.uniform(0, 0.01)
+            truth[(method, seed)] = dice
+            add(f"{method}-{seed}", method, seed, dice, val=dice)
+    add("BUARL-1", "BUARL", 1, truth[("BUARL", 1)], truth[("BUARL", 1)])  # the same trial logged twice
+    add("BUARL-x", "BUARL", 1, 0.99, 0.99, status="KILLED")               # never finished
+    add("BUARL-s", "BUARL", 2, 0.95, 0.01, tau=0.9)                       # worse on validation
+    return uri, truth
+
+
+def test_tables_trace_back_to_runs(store, tmp_path):
+    uri, truth = store
+    out = tmp_path / "tables"
+    assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
+    for stem in ("comparison", "ablation"):
+        for ext in ("md", "tex", "csv"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 0
+    nums = pd.read_csv(out / "comparison_numbers.csv").set_index("method")
+    for method in METHODS:
+        values = [truth[(method, s)] * 100 for s in (1, 2)]
+        assert nums.loc[method, "dice_mean"] == pytest.approx(np.mean(values))
+        assert nums.loc[method, "dice_std"] == pytest.approx(np.std(values, ddof=1))
+        assert nums.loc[method, "n_seeds"] == 2  # duplicate, KILLED and val-losing runs not counted
+    md = (out / "comparison.md").read_text()
+    best = max(METHODS, key=lambda m: nums.loc[m, "dice_mean"])
+    bold_dice = f"**{nums.loc[best, 'dice_mean']:.2f} ± {nums.loc[best, 'dice_std']:.2f}**"
+    assert bold_dice in md and md.count("**") == 2 * 4  # one bold cell per metric column
+    assert "BCP (published)" in md and "87.59" in md  # reference row, labelled, from published.csv
+    tex = (out / "comparison.tex").read_text()
+    assert r"\toprule" in tex and r"\textbf{" in tex
+    abl = pd.read_csv(out / "ablation.csv").set_index("method")
+    base = [truth[("BCP", s)] * 100 for s in (1, 2)]
+    buarl = [truth[("BUARL", s)] * 100 for s in (1, 2)]
+    assert abl.loc["BUARL", "Δ Dice vs BCP"] == pytest.approx(np.mean(buarl) - np.mean(base))
+    assert abl.loc["BUARL", "p (paired t)"] == pytest.approx(stats.ttest_rel(buarl, base).pvalue)
+    assert abl.loc["BUARL", "URL"] == "✓" and abl.loc["BUARL", "CRL"] == "✓"
+    assert pd.isna(abl.loc["BCP", "Δ Dice vs BCP"])
+    assert (out / "sensitivity_tau_l.png").exists() and (out / "parallel.png").exists()
+    assert "buarl-sweep --space ablation" in (out / "README.md").read_text()
+
+
+def test_missing_experiment_is_exit_2(store, tmp_path, capsys):
+    uri, _ = store
+    assert main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "x")]) == 2
+    assert "experiment 'nope' not found" in capsys.readouterr().err
+    assert main(["--experiment", "abl", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
