@@ -140,7 +140,8 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
                                 progress_reporter=progress_reporter(plan), verbose=1,
-                                failure_config=tune.FailureConfig(max_failures=0))
+                                # a trial lost with its node restarts, and its Train run resumes by name
+                                failure_config=tune.FailureConfig(max_failures=s.max_failures))
     if resume and tune.Tuner.can_restore(path):
         print(f"[{point.name}] resuming from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -225,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
         # clean up placement groups; without it a finished trial spins on errors.
-        ray.init(num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False)
+    if args.address:
+        total = ray.cluster_resources()
+        r = plan.space.resources
+        for kind, need in (("CPU", r.workers * r.cpus_per_worker), ("GPU", r.workers * r.gpus_per_worker)):
+            if need > total.get(kind, 0):
+                return _fail(f"{plan.space_file}: resources: one trial needs {need:g} {kind}s but the cluster at "
+                             f"{args.address} offers {total.get(kind, 0):g}")
     exp_id = experiment(client, plan.space.name, tracking_uri)
     parent = parent_run(client, exp_id, sweep, args.resume,
                         {"space": plan.space_file, "data_root": plan.base.get("data_root"), "storage": storage,

@@ -70,7 +70,7 @@ class RayReporter(Reporter):
 
     def finish(self, metrics: dict, best_weights: dict) -> None:
         final = {**flat_test_metrics(metrics), "best_val_dice": float(metrics["best_val_dice"]),
-                 "val_dice": float(metrics["best_val_dice"]), "iteration": metrics["iterations"],
+                 "iteration": metrics["iterations"],
                  "train_seconds": metrics["train_seconds"], "done": 1}
 
         def regions(p: Path) -> None:

@@ -118,7 +118,7 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
     finished = []
     while time.time() < deadline and proc.poll() is None:
         time.sleep(3)
-        if (tmp_path / "mlflow.db").exists():
+        if (tmp_path / "ray" / "resume").exists():  # the driver's MLflow store is ready
             try:
                 runs = _runs(tmp_path, "resume")
             except Exception:
