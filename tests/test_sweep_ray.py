@@ -96,7 +96,7 @@ def worker(cfg):
     digest = hashlib.sha256(b"".join(p.detach().double().numpy().tobytes() for p in core.parameters())).hexdigest()
     open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.txt"), "w").write(digest)
 
-ray.init(num_cpus=3, include_dashboard=False)
+ray.init(address="local", num_cpus=3, include_dashboard=False)
 TorchTrainer(worker, train_loop_config={{"data_root": {str(acdc_phantom)!r}, "pretrain_iters": 2, "iters": 3,
              "eval_every": 10, "threads": 1}},
              scaling_config=ray.train.ScalingConfig(num_workers=2),
