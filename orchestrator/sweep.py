@@ -221,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     # instead of the new engine's per-trial result dumps; worker logs stay in Ray's files.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
+    # Workers on a loaded machine (or a node still starting) can need more than Ray
+    # Train's default 60 s to come up; a timeout there looks like a hang of the trial.
+    runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
+                                os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}}
     if args.address:
-        ray.init(address=args.address, log_to_driver=False)
+        ray.init(address=args.address, log_to_driver=False, runtime_env=runtime_env)
     else:
         # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
         # clean up placement groups; without it a finished trial spins on errors.
-        ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False,
+                 runtime_env=runtime_env)
     if args.address:
         total = ray.cluster_resources()
         r = plan.space.resources

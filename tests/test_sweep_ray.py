@@ -129,9 +129,16 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
                 if finished and len(kids) > len(finished):
                     break
     assert finished, "no trial finished before the deadline"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    # The driver and everything it started (its local Ray cluster), nothing else on the machine.
+    import psutil
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
     before = _runs(tmp_path, "resume")
     assert "tags.buarl.trial_id" in before, (before.columns.tolist(), proc.stdout.read()[-3000:])
     ended = {r["tags.buarl.trial_id"]: r["end_time"] for _, r in before.iterrows()
