@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         # clean up placement groups; without it a finished trial spins on errors.
         ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env=runtime_env)
+        # Ray Train's placement-group cleaner finds the cluster through the bootstrap file that
+        # `ray start` writes but `ray.init` does not; a stale file from an earlier cluster makes
+        # it fail and leak the finished trial's resources, so the next trial waits forever.
+        ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address)
     if args.address:
         total = ray.cluster_resources()
         r = plan.space.resources
