@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         client.set_terminated(parent, status=status)
-    text, best = summarise(results, plan, sweep, storage, redact(tracking_uri))
+    text, best = summarise(results, plan, sweep, redact(storage), redact(tracking_uri))
     client.log_text(parent, json.dumps(best, indent=2, default=str), "best_per_grid_point.json")
     print(text + f"\n(done in {time.time() - started:.0f} s)")
     return 0
