@@ -97,7 +97,6 @@ class Loop:
         self.total = self.pretrain + cfg.iters
         self.step = 0
         self.best = {"dice": -1.0, "step": -1, "weights": None}
-        self.history: list[dict] = []
 
     # ---- state -------------------------------------------------------------------------
     def state(self) -> dict:
