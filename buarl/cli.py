@@ -95,6 +95,13 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="buarl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -102,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     ph = sub.add_parser("phantom", help="write a synthetic dataset in the reference layout")
     ph.add_argument("--kind", choices=["acdc", "la"], required=True)
     ph.add_argument("--out", required=True)
-    ph.add_argument("--cases", type=int, default=8, help="training patients (ACDC) or scans (LA)")
+    ph.add_argument("--cases", type=_positive, default=8, help="training patients (ACDC) or scans (LA)")
     ph.add_argument("--seed", type=int, default=0)
     ph.set_defaults(fn=_phantom)
 
@@ -126,9 +133,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "cases", 1) < 1:
-        print("buarl: error: --cases must be >= 1", file=sys.stderr)
-        return 2
     try:
         return args.fn(args)
     except TrainingDiverged as e:

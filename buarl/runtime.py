@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 
 import numpy as np
@@ -20,6 +21,7 @@ def device_of(cfg: Config) -> torch.device:
     return dev
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """Native bf16 matrix units (AVX512-BF16 / AMX). Without them oneDNN emulates bf16,
     which measured ~9x *slower* than fp32 for the UNet on the AVX2-only CI machines."""
