@@ -8,6 +8,7 @@ Ray Train run of buarl's loop, logged to MLflow from the driver -> summary.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -32,6 +33,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (default: the space name); the unit --resume continues")
     p.add_argument("--num-samples", type=int, help="Optuna trials per grid point (overrides the space)")
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once per grid point")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per worker (default: this machine's cores / trials at once)")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="run only the grid points whose name matches (repeatable), e.g. 'labeled=3*'")
+    p.add_argument("--skip", action="append", default=[], metavar="GLOB",
+                   help="leave out the grid points whose name matches (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit without starting Ray")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -96,7 +103,22 @@ def prepare(args) -> tuple[Plan, str]:
         raise SpaceError(f"{path}: resources: {problem} (join a cluster with --address)")
     if problem:
         print(f"note: {problem}; this plan needs a cluster (--address)", file=sys.stderr)
-    return plan, space.name if not args.name else args.name
+    return select(plan, args), space.name if not args.name else args.name
+
+
+def select(plan: Plan, args) -> Plan:
+    """Apply --only / --skip / --threads: part of a grid, e.g. one seed per machine or sweep."""
+    if args.threads is not None and args.threads < 1:
+        raise SpaceError(f"--threads must be >= 1, got {args.threads}")
+    points = [p for p in plan.points
+              if (not args.only or any(fnmatch.fnmatchcase(p.name, g) for g in args.only))
+              and not any(fnmatch.fnmatchcase(p.name, g) for g in args.skip)]
+    if not points:
+        names = ", ".join(p.name for p in plan.points)
+        raise SpaceError(f"--only {args.only} --skip {args.skip} leave no grid point of {plan.space_file} "
+                         f"(its points: {names})")
+    return plan.model_copy(update={"points": points,
+                                   "threads_per_worker": args.threads or plan.threads_per_worker})
 
 
 def param_space(plan: Plan) -> dict:
