@@ -23,6 +23,9 @@ from buarl.errors import BuarlError  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
 
+TRAINABLE_MEMORY = 256 * 1024**2  # bytes of Ray's logical memory for a trial's waiting driver
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="buarl-sweep", description="Ray Tune + Optuna sweep of BUARL, tracked in MLflow")
     p.add_argument("--space", required=True, help="a name in search_spaces/ (thresholds, ablation, ...) or a YAML path")
@@ -158,6 +161,10 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     base = {**plan.base, **point.values, "threads": plan.threads_per_worker}
     trainable = tune.with_parameters(run_trial, base=base, storage=f"{storage}/{sweep}/train",
                                      resources=s.resources.model_dump(), max_failures=s.max_failures)
+    # The trainable only waits on its TorchTrainer, whose workers hold the trial's CPUs/GPUs;
+    # Tune's default 1 CPU for it would halve how many trials fit on a small machine. A
+    # placement group needs some resource: the waiting process's memory is the true one.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
     callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base)
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
