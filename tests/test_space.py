@@ -84,3 +84,25 @@ def test_missing_space_file_and_bad_flags(capsys):
     assert main(["--space", "thresholds", "--num-samples", "0"]) == 2
     assert main(["--space", "thresholds", "--data-root", "/no/such/dir"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_only_and_skip_select_grid_points(capsys):
+    from orchestrator.sweep import parser, prepare
+    args = parser().parse_args(["--space", "ablation", "--only", "*seed=1338*",
+                                "--skip", "*base=mt*", "--skip", "*base=supervised*", "--threads", "1"])
+    plan, name = prepare(args)
+    assert name == "ablation" and plan.threads_per_worker == 1
+    assert [p.values["seed"] for p in plan.points] == [1338] * 4
+    assert {p.values["base"] for p in plan.points} == {"bcp"}
+    assert plan.total_trials == 4
+    # the default: all cores shared by the trials that run at once
+    plan, _ = prepare(parser().parse_args(["--space", "ablation", "--max-concurrent", "2"]))
+    assert len(plan.points) == 12 and plan.threads_per_worker == max(1, (__import__("os").cpu_count() or 1) // 2)
+
+
+def test_selection_that_leaves_nothing_exits_2(capsys):
+    assert main(["--space", "thresholds", "--only", "labeled=5*", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "leave no grid point" in err and "labeled=3_seed=1337" in err
+    assert main(["--space", "thresholds", "--threads", "0", "--dry-run"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err

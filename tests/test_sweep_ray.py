@@ -40,7 +40,7 @@ def _runs(tmp_path, experiment):
 
 
 def test_sweep_logs_one_finished_child_per_trial(tmp_path):
-    cmd, env = _sweep(tmp_path, SPACE, "--num-samples", "2")
+    cmd, env = _sweep(tmp_path, SPACE, "--num-samples", "2", "--max-concurrent", "2")
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "best configuration per grid point" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
@@ -52,6 +52,11 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
     # one Optuna study per label ratio: two grid points, two trials each, two Tune experiments
     assert sorted(children["tags.buarl.grid_point"].value_counts().tolist()) == [2, 2]
+    # each trial's trainable holds no CPU, so two 1-CPU trials run at once on two cores
+    if (os.cpu_count() or 1) >= 2:
+        for _, g in children.groupby("tags.buarl.grid_point"):
+            a, b = g.sort_values("start_time").itertuples()
+            assert b.start_time < a.end_time, "the two trials of a grid point did not overlap"
     assert {p.name for p in (tmp_path / "ray" / "sweep").iterdir() if p.name.startswith("labeled=")} == {
         "labeled=2_seed=1337", "labeled=3_seed=1337"}
     for col in ("test_dice", "test_jaccard", "test_dice_RV", "best_val_dice"):

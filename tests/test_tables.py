@@ -83,3 +83,31 @@ def test_missing_experiment_is_exit_2(store, tmp_path, capsys):
     assert main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "x")]) == 2
     assert "experiment 'nope' not found" in capsys.readouterr().err
     assert main(["--experiment", "abl", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+
+
+def test_experiments_of_one_protocol_pool(store, tmp_path, capsys):
+    """A continuation sweep under another space name adds its seeds; each trial counts once."""
+    from mlflow.tracking import MlflowClient
+    uri, truth = store
+    client = MlflowClient(uri)
+    exp = client.create_experiment("abl_more", artifact_location=(tmp_path / "art2").as_uri())
+    for method, dice in (("BCP", 0.40), ("BUARL", 0.70)):
+        base, url, crl = METHODS[method]
+        run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": f"more-{method}"}).info.run_id
+        for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": 3, "dataset": "acdc"}.items():
+            client.log_param(run, k, v)
+        for k in ("test_dice", "test_jaccard", "test_hd95", "test_asd", "best_val_dice"):
+            client.log_metric(run, k, dice)
+        client.set_terminated(run)
+    out = tmp_path / "pooled"
+    assert main(["--experiment", "abl", "--experiment", "abl_more", "--tracking-uri", uri, "--out", str(out)]) == 0
+    nums = pd.read_csv(out / "comparison_numbers.csv").set_index("method")
+    assert nums.loc["BCP", "n_seeds"] == 3 and nums.loc["Supervised", "n_seeds"] == 2
+    bcp = [truth[("BCP", s)] * 100 for s in (1, 2)] + [40.0]
+    assert nums.loc["BCP", "dice_mean"] == pytest.approx(np.mean(bcp))
+    buarl = [truth[("BUARL", s)] * 100 for s in (1, 2)] + [70.0]
+    abl = pd.read_csv(out / "ablation.csv").set_index("method")
+    assert abl.loc["BUARL", "p (paired t)"] == pytest.approx(stats.ttest_rel(buarl, bcp).pvalue)
+    assert "`abl` + `abl_more`" in (out / "README.md").read_text()
+    assert main(["--experiment", "abl", "--experiment", "gone", "--tracking-uri", uri, "--out", str(out)]) == 2
+    assert "experiment 'gone' not found" in capsys.readouterr().err
