@@ -20,6 +20,10 @@ def code_version() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    # `git archive` (a code snapshot, an sdist built from one) fills in buarl/COMMIT.
+    stamped = (here / "COMMIT").read_text().strip() if (here / "COMMIT").is_file() else ""
+    if stamped and not stamped.startswith("$Format"):
+        return f"buarl-{buarl.__version__}+g{stamped[:12]}"
     return f"buarl-{buarl.__version__}"
 
 

@@ -86,6 +86,16 @@ def ratio_label(dataset: str, labeled: int) -> str:
     return f"{labeled} {'patients' if dataset == 'acdc' else 'scans'}" + (f" ({pct})" if pct else "")
 
 
+def _context(g: pd.DataFrame) -> dict:
+    """What the paper layout hides: empty predictions (the reference policy scores a missed
+    structure's 95HD/ASD as 0, which flatters them) and the training time behind a row."""
+    out = {}
+    for col, key in (("metrics.test_empty_predictions", "empty_predictions"), ("metrics.train_seconds", "train_s")):
+        if col in g:
+            out[f"{key}_mean"] = g[col].astype(float).mean()
+    return out
+
+
 def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(numbers, display): numbers has mean/std/n per method x labeled x metric."""
     rows = []
@@ -95,6 +105,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd
         for key, _, scale, _ in METRICS:
             values = g[f"metrics.test_{key}"].astype(float) * scale
             row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+        row.update(_context(g))
         rows.append(row)
     numbers = pd.DataFrame(rows)
     numbers["order"] = numbers["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
@@ -141,6 +152,8 @@ def ablation(chosen: pd.DataFrame) -> pd.DataFrame:
                    "CRL": "✓" if method in ("BCP+CRL", "BUARL") else "", "method": method, "n_seeds": len(part)}
             for key, title, scale, _ in METRICS:
                 row[title] = part[f"metrics.test_{key}"].astype(float).mean() * scale
+            if "empty_predictions_mean" in (ctx := _context(part)):
+                row["empty preds"] = ctx["empty_predictions_mean"]
             row["Δ Dice vs BCP"] = np.nan
             row["p (paired t)"] = np.nan
             if not base.empty and method != "BCP":

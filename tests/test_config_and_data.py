@@ -201,3 +201,19 @@ def test_empty_prediction_policies():
     assert flagged and strict["dice"] == 0 and strict["hd95"] == pytest.approx(math.sqrt(800))
     both, flagged = case_metrics(empty, empty, "strict")
     assert both == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0} and not flagged
+
+
+def test_code_snapshot_records_its_commit(tmp_path):
+    """A run from `git archive` output (no .git) still names the commit it came from."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "buarl"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
+    out = subprocess.run([sys.executable, "-c", "from buarl.provenance import code_version; print(code_version())"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("+g" + head.stdout.strip()[:12]), out.stdout

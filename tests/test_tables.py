@@ -32,7 +32,7 @@ def store(tmp_path):
                      "tau_l": tau}.items():
             client.log_param(run, k, v)
         for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
-                     "test_asd": 2 - dice, "best_val_dice": val}.items():
+                     "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed}.items():
             client.log_metric(run, k, v)
         client.set_terminated(run, status=status)
 
@@ -74,6 +74,8 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     assert abl.loc["BUARL", "p (paired t)"] == pytest.approx(stats.ttest_rel(buarl, base).pvalue)
     assert abl.loc["BUARL", "URL"] == "✓" and abl.loc["BUARL", "CRL"] == "✓"
     assert pd.isna(abl.loc["BCP", "Δ Dice vs BCP"])
+    # empty predictions travel with the row (mean over the chosen seeds' runs: 3 and 6)
+    assert abl.loc["BUARL", "empty preds"] == pytest.approx(4.5) and nums.loc["BCP", "empty_predictions_mean"] == 4.5
     assert (out / "sensitivity_tau_l.png").exists() and (out / "parallel.png").exists()
     assert "buarl-sweep --space ablation" in (out / "README.md").read_text()
 
