@@ -138,8 +138,10 @@ def test_lost_worker_resumes_from_checkpoint(tmp_path):
         if len(runs) and runs.get("metrics.val_dice") is not None and runs["metrics.val_dice"].notna().any():
             steps = runs.iloc[0].get("metrics.iteration")
             if steps and steps >= 8:
-                for p in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])):
+                # only this sweep's worker: its local cluster (and so the worker) descends from
+                # the driver, while other Ray clusters on the machine must not be touched
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    if any("RayTrainWorker" in c for c in p.cmdline()):
                         p.kill()
                         killed = steps
                         break
@@ -195,7 +197,8 @@ while removed is None and time.time() < deadline and t.is_alive():
         continue
     if "metrics.iteration" not in runs or not (runs["metrics.iteration"] >= 8).any():
         continue
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    workers = [a for a in list_actors(address=cluster.address,
+                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     if not workers:
         continue
     host = workers[0].node_id
