@@ -166,6 +166,21 @@ def ablation(chosen: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    """Every counted trial with its MLflow run id, so each table cell can be traced back."""
+    cols = {"run_id": "run_id", "tags.buarl.sweep": "sweep", "method": "method", "labeled": "labeled",
+            "seed": "seed", **{f"params.{p}": p for p in SEARCHABLE},
+            "metrics.best_val_dice": "best_val_dice", "metrics.best_step": "best_step",
+            **{f"metrics.test_{k}": f"test_{k}" for k, *_ in METRICS},
+            "metrics.test_empty_predictions": "empty_predictions", "metrics.train_seconds": "train_seconds"}
+    present = {k: v for k, v in cols.items() if k in trials}
+    out = trials[list(present)].rename(columns=present)
+    # train_seconds restarts with a resumed worker; the run's own span covers the restarts
+    out["wall_minutes"] = ((trials["end_time"] - trials["start_time"]).dt.total_seconds() / 60).round(1).values
+    out.insert(5, "in_tables", trials["run_id"].isin(chosen["run_id"]).values)
+    return out.sort_values(["labeled", "method", "seed"]).reset_index(drop=True)
+
+
 def _latex_text(v) -> str:
     if not isinstance(v, str):
         return v
@@ -262,6 +277,8 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     if not abl.empty:
         write_table(abl, out, "ablation", index=False)
         files += ["ablation.md", "ablation.tex", "ablation.csv"]
+    trial_list(trials, chosen).to_csv(out / "trials.csv", index=False)
+    files += ["trials.csv"]
     files += plots(trials, out)
     runs = search(experiments, tracking_uri)
     parents = [{"name": r.get("tags.buarl.sweep"), "command": r.get("params.command"),

@@ -78,6 +78,9 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     assert abl.loc["BUARL", "empty preds"] == pytest.approx(4.5) and nums.loc["BCP", "empty_predictions_mean"] == 4.5
     assert (out / "sensitivity_tau_l.png").exists() and (out / "parallel.png").exists()
     assert "buarl-sweep --space ablation" in (out / "README.md").read_text()
+    listed = pd.read_csv(out / "trials.csv")
+    assert len(listed) == 9 and listed["in_tables"].sum() == 8  # the val-losing searched trial is listed, not used
+    assert not listed.loc[listed["in_tables"], "run_id"].duplicated().any()
 
 
 def test_missing_experiment_is_exit_2(store, tmp_path, capsys):
