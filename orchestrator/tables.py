@@ -57,9 +57,8 @@ def search(experiments: list[str], tracking_uri: str) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=list(experiments))
 
 
-def load_runs(experiments: list[str], tracking_uri: str) -> pd.DataFrame:
+def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     """One row per trial: FINISHED runs only, a trial logged twice counted once."""
-    runs = search(experiments, tracking_uri)
     what = " + ".join(repr(e) for e in experiments)
     if runs.empty or "tags.buarl.role" not in runs:
         raise TablesError(f"experiment {what} has no trial runs")
@@ -86,14 +85,11 @@ def ratio_label(dataset: str, labeled: int) -> str:
     return f"{labeled} {'patients' if dataset == 'acdc' else 'scans'}" + (f" ({pct})" if pct else "")
 
 
-def _context(g: pd.DataFrame) -> dict:
-    """What the paper layout hides: empty predictions (the reference policy scores a missed
-    structure's 95HD/ASD as 0, which flatters them) and the training time behind a row."""
-    out = {}
-    for col, key in (("metrics.test_empty_predictions", "empty_predictions"), ("metrics.train_seconds", "train_s")):
-        if col in g:
-            out[f"{key}_mean"] = g[col].astype(float).mean()
-    return out
+def empty_predictions(g: pd.DataFrame) -> float:
+    """What the paper layout hides: the reference policy scores a missed structure's 95HD/ASD
+    as 0, which flatters them, so the mean count of empty (case, class) predictions goes along."""
+    col = "metrics.test_empty_predictions"
+    return g[col].astype(float).mean() if col in g else np.nan
 
 
 def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -105,7 +101,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd
         for key, _, scale, _ in METRICS:
             values = g[f"metrics.test_{key}"].astype(float) * scale
             row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
-        row.update(_context(g))
+        row["empty_predictions_mean"] = empty_predictions(g)
         rows.append(row)
     numbers = pd.DataFrame(rows)
     numbers["order"] = numbers["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
@@ -152,8 +148,7 @@ def ablation(chosen: pd.DataFrame) -> pd.DataFrame:
                    "CRL": "✓" if method in ("BCP+CRL", "BUARL") else "", "method": method, "n_seeds": len(part)}
             for key, title, scale, _ in METRICS:
                 row[title] = part[f"metrics.test_{key}"].astype(float).mean() * scale
-            if "empty_predictions_mean" in (ctx := _context(part)):
-                row["empty preds"] = ctx["empty_predictions_mean"]
+            row["empty preds"] = empty_predictions(part)
             row["Δ Dice vs BCP"] = np.nan
             row["p (paired t)"] = np.nan
             if not base.empty and method != "BCP":
@@ -264,7 +259,8 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     """Experiments run with the same protocol (e.g. a sweep and its continuation under another
     space name) can be pooled: each trial counts once, the best on validation per seed wins."""
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
-    trials = load_runs(experiments, tracking_uri)
+    runs = search(experiments, tracking_uri)
+    trials = trial_runs(runs, experiments)
     out.mkdir(parents=True, exist_ok=True)
     published = pd.read_csv(published_csv) if published_csv and Path(published_csv).is_file() else None
     chosen = best_per_seed(trials)
@@ -280,7 +276,6 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     trial_list(trials, chosen).to_csv(out / "trials.csv", index=False)
     files += ["trials.csv"]
     files += plots(trials, out)
-    runs = search(experiments, tracking_uri)
     parents = [{"name": r.get("tags.buarl.sweep"), "command": r.get("params.command"),
                 "code": r.get("tags.buarl.code_version")}
                for _, r in runs[runs["tags.buarl.role"] == "sweep"].iterrows()]
