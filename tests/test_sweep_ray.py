@@ -135,6 +135,7 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
                     break
     assert finished, "no trial finished before the deadline"
     # The driver and everything it started (its local Ray cluster), nothing else on the machine.
+    import ray  # noqa: F401  (Ray puts its vendored psutil on sys.path)
     import psutil
     family = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -152,9 +153,13 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
     out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     after = _runs(tmp_path, "resume")
-    kids = after[after["tags.buarl.role"] == "trial"]
-    assert len(kids) == 3 and set(kids["status"]) == {"FINISHED"}, kids[["status", "tags.buarl.trial_id"]]
-    assert kids["tags.buarl.trial_id"].nunique() == 3
+    runs = after[after["tags.buarl.role"] == "trial"]
+    kids = runs[runs["status"] == "FINISHED"]
+    assert len(kids) == 3 and kids["tags.buarl.trial_id"].nunique() == 3, runs[["status", "tags.buarl.trial_id"]]
+    # A trial started in the moment before the kill, but not yet in Tune's saved state, is
+    # replaced by a new one on resume; its orphaned run must be marked KILLED, never counted.
+    orphans = runs[runs["status"] != "FINISHED"]
+    assert len(orphans) <= 1 and (orphans["status"] == "KILLED").all(), orphans[["status", "tags.buarl.trial_id"]]
     for trial_id, end in ended.items():  # finished trials were not run again
         row = kids[kids["tags.buarl.trial_id"] == trial_id].iloc[0]
         assert row["end_time"] == end
