@@ -1,4 +1,5 @@
 """Search-space validation and planning: all before Ray starts."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -97,7 +98,7 @@ def test_only_and_skip_select_grid_points(capsys):
     assert plan.total_trials == 4
     # the default: all cores shared by the trials that run at once
     plan, _ = prepare(parser().parse_args(["--space", "ablation", "--max-concurrent", "2"]))
-    assert len(plan.points) == 12 and plan.threads_per_worker == max(1, (__import__("os").cpu_count() or 1) // 2)
+    assert len(plan.points) == 12 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_selection_that_leaves_nothing_exits_2(capsys):
