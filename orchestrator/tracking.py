@@ -3,7 +3,10 @@
 Everything is logged from the driver (a Tune callback), never from workers: concurrent
 sqlite writers lock each other, and a worker on another node cannot reach a local store.
 A trial that restarts (driver lost, `--resume`) logs into its own earlier run again, so
-each trial has exactly one run with one continuous metric history.
+each trial has exactly one run with one continuous metric history. A run already FINISHED
+is final: Tune saves its experiment state every few seconds, so a driver lost just after a
+trial ended can leave that trial unfinished in the saved state, and `--resume` replays it
+(straight to the end, from its last checkpoint); the replay must not reopen or re-log it.
 """
 from __future__ import annotations
 
@@ -133,6 +136,7 @@ class MlflowTrials(Callback):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.sweep, self.point, self.base = sweep, point, base
         self.runs: dict[str, str] = {}
+        self.settled: set[str] = set()  # trials whose run was FINISHED before this driver saw them
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
@@ -140,7 +144,12 @@ class MlflowTrials(Callback):
         found = self.client.search_runs(
             [self.experiment_id], f"tags.{TAG_TRIAL} = '{trial.trial_id}' and "
             f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=1)
-        if found:
+        if found and found[0].info.status == "FINISHED":
+            run_id = found[0].info.run_id
+            self.settled.add(trial.trial_id)
+            print(f"[{self.point}] trial {trial.trial_id} already finished (run {run_id}); "
+                  "Tune replays it from its last checkpoint, MLflow keeps the recorded result", flush=True)
+        elif found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
@@ -158,9 +167,16 @@ class MlflowTrials(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
+    def _live(self, trial) -> Optional[str]:
+        """The trial's run, or None for a replay of a trial whose run is already final."""
+        run_id = self._run_for(trial)
+        return None if trial.trial_id in self.settled else run_id
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
-        run_id = self._run_for(trial)
+        run_id = self._live(trial)
+        if run_id is None:
+            return
         step = int(result.get("iteration", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items() if v == v]
@@ -169,7 +185,9 @@ class MlflowTrials(Callback):
             self.client.set_tag(run_id, "buarl.stop_reason", redact(result["stop_reason"])[:5000])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
+        run_id = self._live(trial)
+        if run_id is None:
+            return
         last = trial.last_result or {}
         path = last.get("checkpoint_path")
         if path:
@@ -184,6 +202,8 @@ class MlflowTrials(Callback):
         self.client.set_terminated(run_id, status="FAILED" if diverged else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
+        run_id = self._live(trial)
+        if run_id is None:
+            return
         self.client.set_tag(run_id, "buarl.status", "error")
         self.client.set_terminated(run_id, status="FAILED")

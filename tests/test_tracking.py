@@ -1,0 +1,73 @@
+"""The driver-side MLflow callback across a lost driver and `--resume` (no Ray cluster needed)."""
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.tracking import MlflowTrials, mark_orphans
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.sweep": "s"}).info.run_id
+    return client, exp, parent
+
+
+def _driver(client, exp, parent):
+    return MlflowTrials(client, exp, parent, "s", "labeled=3", {"labeled": 3})
+
+
+def _trial(trial_id, result=None):
+    return SimpleNamespace(trial_id=trial_id, config={"tau_l": 0.3}, last_result=result or {})
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_replayed_finished_trial_keeps_its_recorded_run(sweep):
+    """Tune's saved state can lag a trial's end; the resumed driver replays that trial."""
+    client, exp, parent = sweep
+    first = _driver(client, exp, parent)
+    done, cut = _trial("a"), _trial("b")
+    first.on_trial_start(0, [], done)
+    first.on_trial_result(0, [], done, {"iteration": 10, "val_dice": 0.4})
+    first.on_trial_complete(0, [], done)
+    first.on_trial_start(0, [], cut)
+    first.on_trial_result(0, [], cut, {"iteration": 10, "val_dice": 0.2})
+    run_a, run_b = first.runs["a"], first.runs["b"]
+    ended = client.get_run(run_a).info.end_time
+    # The driver dies here: "b" is left RUNNING; --resume marks it KILLED before Tune starts.
+    assert mark_orphans(client, exp, parent) == 1
+    assert client.get_run(run_b).info.status == "KILLED"
+
+    second = _driver(client, exp, parent)
+    for trial, value in ((done, 0.9), (cut, 0.3)):  # "a" replays its end, "b" resumes for real
+        second.on_trial_start(0, [], trial)
+        second.on_trial_result(0, [], trial, {"iteration": 20, "val_dice": value})
+        second.on_trial_complete(0, [], trial)
+    a = client.get_run(run_a).info
+    assert (a.status, a.end_time) == ("FINISHED", ended)
+    assert _history(client, run_a, "val_dice") == [(10, 0.4)]
+    assert second.runs["b"] == run_b  # one run per trial, its history continued
+    assert _history(client, run_b, "val_dice") == [(10, 0.2), (20, 0.3)]
+    assert client.get_run(run_b).info.status == "FINISHED"
+
+
+def test_errored_trial_reopens_its_run_on_resume(sweep):
+    client, exp, parent = sweep
+    first = _driver(client, exp, parent)
+    trial = _trial("c")
+    first.on_trial_start(0, [], trial)
+    first.on_trial_error(0, [], trial)
+    run = first.runs["c"]
+    assert client.get_run(run).info.status == "FAILED"
+    second = _driver(client, exp, parent)
+    second.on_trial_start(0, [], trial)
+    assert client.get_run(run).info.status == "RUNNING"
+    second.on_trial_result(0, [], trial, {"iteration": 5, "val_dice": 0.5})
+    second.on_trial_complete(0, [], trial)
+    assert client.get_run(run).info.status == "FINISHED"
+    assert _history(client, run, "val_dice") == [(5, 0.5)]
