@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -120,8 +121,6 @@ def test_diverging_trial_stops_with_reason_and_sweep_goes_on(tmp_path):
 @pytest.mark.slow
 def test_lost_worker_resumes_from_checkpoint(tmp_path):
     """Kill the Ray Train worker mid-trial: the trial continues from its last checkpoint."""
-    import ray  # noqa: F401  (Ray puts its vendored psutil on sys.path)
-    import psutil
     space = _space(tmp_path, "lostworker", fixed={"pretrain_iters": 4, "iters": 120, "eval_every": 4,
                                                   "log_every": 4})
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -135,8 +136,6 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
                     break
     assert finished, "no trial finished before the deadline"
     # The driver and everything it started (its local Ray cluster), nothing else on the machine.
-    import ray  # noqa: F401  (Ray puts its vendored psutil on sys.path)
-    import psutil
     family = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
     for p in family:
