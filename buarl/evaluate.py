@@ -122,19 +122,21 @@ def evaluate(model: nn.Module, cases: list[Case], cfg: Config, device: torch.dev
     names = CLASS_NAMES[cfg.dataset]
     was = model.training
     model.eval()
-    per_case, empty = [], 0
+    per_case, empty, structures = [], 0, 0
     for case in cases:
         pred = predict(model, case, cfg, device)
         row: dict = {"case": case.name}
         for c, name in enumerate(names, start=1):
             m, e = case_metrics(pred == c, case.label == c, policy)
             empty += int(e)
+            structures += int((case.label == c).any())
             row[name] = {k: float(v) for k, v in m.items()}
         per_case.append(row)
     model.train(was)
     per_class = {name: {k: float(np.mean([r[name][k] for r in per_case])) for k in METRICS}
                  for name in names}
     out = {k: float(np.mean([per_class[n][k] for n in names])) for k in METRICS}
-    out.update(per_class=per_class, per_case=per_case, empty_predictions=empty,
+    # empty_predictions of `structures` (case, class) pairs with the class present were missed
+    out.update(per_class=per_class, per_case=per_case, empty_predictions=empty, structures=structures,
                empty_policy=policy, cases=len(per_case))
     return out

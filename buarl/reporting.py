@@ -47,5 +47,5 @@ class LocalReporter(Reporter):
             save_best(self.out / "best.pt", best_weights, self.cfg, metrics["iterations"], float("nan"))
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self._say("test " + fmt({k: metrics[k] for k in ("dice", "jaccard", "hd95", "asd")})
-                  + f" empty_predictions={metrics['empty_predictions']}")
+                  + f" empty_predictions={metrics['empty_predictions']}/{metrics['structures']}")
         self.log_file.close()

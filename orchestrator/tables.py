@@ -92,6 +92,18 @@ def empty_predictions(g: pd.DataFrame) -> float:
     return g[col].astype(float).mean() if col in g else np.nan
 
 
+def missed_share(g: pd.DataFrame) -> float:
+    """Mean share of present structures predicted empty (NaN for runs that predate the count)."""
+    if "metrics.test_structures" not in g or "metrics.test_empty_predictions" not in g:
+        return np.nan
+    return (g["metrics.test_empty_predictions"].astype(float) / g["metrics.test_structures"].astype(float)).mean()
+
+
+# Above this share of missed structures a row's 95HD / ASD mean consists mostly of the
+# reference policy's 0 placeholders: shown with a dagger, never bolded as the best.
+DEGENERATE = 0.5
+
+
 def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(numbers, display): numbers has mean/std/n per method x labeled x metric."""
     rows = []
@@ -102,6 +114,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd
             values = g[f"metrics.test_{key}"].astype(float) * scale
             row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
         row["empty_predictions_mean"] = empty_predictions(g)
+        row["missed_share_mean"] = missed_share(g)
         rows.append(row)
     numbers = pd.DataFrame(rows)
     numbers["order"] = numbers["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
@@ -113,12 +126,16 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd
         part = numbers[numbers["labeled"] == labeled].set_index("method")
         for key, title, _, better in METRICS:
             col = (ratio_label(dataset, labeled), title)
-            means = part[f"{key}_mean"]
+            flagged = part["missed_share_mean"] > DEGENERATE if better == "min" else pd.Series(False, part.index)
+            means = part.loc[~flagged, f"{key}_mean"]
             best = means.max() if better == "max" else means.min()
             cells = {}
             for m, r in part.iterrows():
                 text = f"{r[f'{key}_mean']:.2f} ± {r[f'{key}_std']:.2f}" if r["n_seeds"] > 1 else f"{r[f'{key}_mean']:.2f}"
-                cells[m] = f"**{text}**" if np.isclose(r[f"{key}_mean"], best) else text
+                if flagged[m]:
+                    cells[m] = text + " †"
+                else:
+                    cells[m] = f"**{text}**" if np.isclose(r[f"{key}_mean"], best) else text
             display[col] = pd.Series(cells)
     display.columns = pd.MultiIndex.from_tuples(display.columns)
     display = display.fillna("–")
@@ -167,7 +184,8 @@ def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
             "seed": "seed", **{f"params.{p}": p for p in SEARCHABLE},
             "metrics.best_val_dice": "best_val_dice", "metrics.best_step": "best_step",
             **{f"metrics.test_{k}": f"test_{k}" for k, *_ in METRICS},
-            "metrics.test_empty_predictions": "empty_predictions", "metrics.train_seconds": "train_seconds"}
+            "metrics.test_empty_predictions": "empty_predictions", "metrics.test_structures": "structures",
+            "metrics.train_seconds": "train_seconds"}
     present = {k: v for k, v in cols.items() if k in trials}
     out = trials[list(present)].rename(columns=present)
     # train_seconds restarts with a resumed worker; the run's own span covers the restarts
@@ -251,7 +269,10 @@ def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, pare
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), "",
               "Comparison: test metrics of the best-on-validation trial per (method, label ratio, "
               "seed), mean ± std over seeds; bold = best of our rows per column; rows marked "
-              "(published) are numbers from `results/reference/published.csv`, not ours.", ""]
+              "(published) are numbers from `results/reference/published.csv`, not ours. "
+              f"† = more than {DEGENERATE:.0%} of the present structures were predicted empty: the "
+              "reference policy scores their 95HD / ASD as 0, so that mean is mostly placeholders; "
+              "shown, never bolded. `empty preds` (ablation) = mean count of such misses.", ""]
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ def flat_test_metrics(metrics: dict) -> dict[str, float]:
     for name, values in metrics["per_class"].items():
         out.update({f"test_{k}_{name}": float(v) for k, v in values.items()})
     out["test_empty_predictions"] = float(metrics["empty_predictions"])
+    out["test_structures"] = float(metrics["structures"])
     return out
 
 

@@ -14,7 +14,7 @@ from buarl.data import load_benchmark
 from buarl.data.acdc import labeled_slice_count
 from buarl.data.sampling import TwoStreamSampler
 from buarl.errors import ConfigError, DataError
-from buarl.evaluate import case_metrics, dice_only
+from buarl.evaluate import case_metrics, dice_only, evaluate
 from tests.conftest import SHARED, needs_real_data
 
 
@@ -201,6 +201,28 @@ def test_empty_prediction_policies():
     assert flagged and strict["dice"] == 0 and strict["hd95"] == pytest.approx(math.sqrt(800))
     both, flagged = case_metrics(empty, empty, "strict")
     assert both == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0} and not flagged
+
+
+def test_evaluate_counts_missed_structures_among_present_ones():
+    """A background-only model misses every structure present; absent ones are not counted."""
+    from buarl.config import Config
+    from buarl.data.types import Case
+
+    class Background(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+            logits[:, 0] = 1.0
+            return logits
+
+    full, lv_only = np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16), np.uint8)
+    full[0, 2:5, 2:5], full[0, 6:9, 6:9], full[1, 10:13, 10:13] = 1, 2, 3
+    lv_only[1, 4:8, 4:8] = 3
+    cases = [Case("a", np.zeros((2, 16, 16), np.float32), full),
+             Case("b", np.zeros((2, 16, 16), np.float32), lv_only)]
+    cfg = Config(dataset="acdc", image_size=16, precision="fp32")
+    m = evaluate(Background(), cases, cfg, torch.device("cpu"))
+    assert (m["empty_predictions"], m["structures"], m["cases"]) == (4, 4, 2)
+    assert m["hd95"] == 0.0  # the reference policy scores a missed structure's distances as 0
 
 
 def test_code_snapshot_records_its_commit(tmp_path):

@@ -83,6 +83,35 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     assert not listed.loc[listed["in_tables"], "run_id"].duplicated().any()
 
 
+def test_mostly_empty_row_never_wins_a_distance_column(store, tmp_path):
+    """A model that predicts nothing scores 95HD/ASD 0 under the reference policy: it is
+    shown with a dagger, and the bold goes to the best row that predicted something."""
+    from mlflow.tracking import MlflowClient
+    uri, truth = store
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("abl").experiment_id
+    for seed, (missed, hd) in {1: (18, 0.2), 2: (11, 0.4)}.items():  # 29 of 40 present structures missed
+        run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": f"mt-{seed}"}).info.run_id
+        for k, v in {"base": "mt", "url": False, "crl": False, "labeled": 3, "seed": seed, "dataset": "acdc"}.items():
+            client.log_param(run, k, v)
+        for k, v in {"test_dice": 0.01, "test_jaccard": 0.01, "test_hd95": hd, "test_asd": hd / 2,
+                     "best_val_dice": 0.01, "test_empty_predictions": missed, "test_structures": 20}.items():
+            client.log_metric(run, k, v)
+        client.set_terminated(run)
+    out = tmp_path / "t"
+    assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
+    nums = pd.read_csv(out / "comparison_numbers.csv").set_index("method")
+    assert nums.loc["MT", "missed_share_mean"] == pytest.approx((18 / 20 + 11 / 20) / 2)
+    assert pd.isna(nums.loc["BCP", "missed_share_mean"])  # runs without the count are not judged
+    table = pd.read_csv(out / "comparison.csv", header=[0, 1], index_col=0)
+    hd = table.xs("95HD", axis=1, level=1).iloc[:, 0]
+    assert hd["MT"] == "0.30 ± 0.14 †"
+    buarl = [10 - 5 * truth[("BUARL", s)] for s in (1, 2)]  # the smallest 95HD of the other rows
+    assert hd["BUARL"] == f"**{np.mean(buarl):.2f} ± {np.std(buarl, ddof=1):.2f}**"
+    assert table.xs("Dice %", axis=1, level=1).iloc[:, 0]["MT"] == "1.00 ± 0.00"  # Dice is not flagged
+    assert "†" in (out / "README.md").read_text()
+
+
 def test_missing_experiment_is_exit_2(store, tmp_path, capsys):
     uri, _ = store
     assert main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "x")]) == 2
