@@ -1,6 +1,7 @@
 """What a run records about where it came from: code version, library versions."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 from pathlib import Path
@@ -27,6 +28,19 @@ def code_version() -> str:
     return f"buarl-{buarl.__version__}"
 
 
+def source_digest(*roots: Path) -> str:
+    """12 hex digits of sha256 over the .py / .yaml sources under `roots`: names the code that
+    actually runs, also where git cannot (a snapshot, the copy Ray ships to a worker)."""
+    h = hashlib.sha256()
+    for root in roots:
+        root = Path(root).resolve()
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts):
+            h.update(f"{root.name}/{f.relative_to(root).as_posix()}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
-    return {"code_version": code_version(), "torch": torch.__version__,
+    return {"code_version": code_version(), "code_digest": source_digest(Path(buarl.__file__).parent),
+            "torch": torch.__version__,
             "python": platform.python_version(), "host": platform.node()}

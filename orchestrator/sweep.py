@@ -148,7 +148,8 @@ def progress_reporter(plan: Plan):
                        print_intermediate_tables=True, sort_by_metric=False)
 
 
-def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, parent_id: str, resume: bool):
+def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, parent_id: str, resume: bool,
+              digest: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -165,7 +166,7 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     # Tune's default 1 CPU for it would halve how many trials fit on a small machine. A
     # placement group needs some resource: the waiting process's memory is the true one.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
-    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base)
+    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest)
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
                                 progress_reporter=progress_reporter(plan), verbose=1,
@@ -252,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     # Workers on a loaded machine (or a node still starting) can need more than Ray
     # Train's default 60 s to come up; a timeout there looks like a hang of the trial.
+    from orchestrator.trial import PACKAGES, code_digest
     runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
-                                os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}}
+                                os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")},
+                   # Workers run this driver's buarl and orchestrator (a snapshot, a dirty
+                   # checkout), never a node's installed copy; their results name the code.
+                   "py_modules": [str(p) for p in PACKAGES], "excludes": ["__pycache__"]}
+    digest = code_digest()
     if args.address:
         ray.init(address=args.address, log_to_driver=False, runtime_env=runtime_env)
     else:
@@ -282,12 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"marked {n} orphaned RUNNING trial run(s) KILLED (their trials resume into them)", flush=True)
     from buarl.provenance import environment
     client.set_tag(parent, "buarl.code_version", environment()["code_version"])
+    client.set_tag(parent, "buarl.code_digest", digest)
 
     started, results, status = time.time(), {}, "FINISHED"
     try:
         for point in plan.points:
             print(f"\n=== grid point {point.name} ===", flush=True)
-            results[point.name] = run_point(plan, point, sweep, storage, client, exp_id, parent, args.resume)
+            results[point.name] = run_point(plan, point, sweep, storage, client, exp_id, parent, args.resume, digest)
     except KeyboardInterrupt:
         status = "KILLED"
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)

@@ -27,6 +27,7 @@ SECRET_QUERY = re.compile(r"(?i)((?:access_key|secret_key|secret|token|password|
 TAG_TRIAL = "buarl.trial_id"
 TAG_SWEEP = "buarl.sweep"
 TAG_POINT = "buarl.grid_point"
+TAG_DIGEST = "buarl.code_digest"
 
 
 class StorageError(BuarlError):
@@ -132,10 +133,12 @@ def copy_checkpoint(path: str, dest: Path) -> Path:
 class MlflowTrials(Callback):
     """Driver-side Tune callback: a child run per trial with params, curves and artifacts."""
 
-    def __init__(self, client, experiment_id: str, parent_id: str, sweep: str, point: str, base: dict):
+    def __init__(self, client, experiment_id: str, parent_id: str, sweep: str, point: str, base: dict,
+                 digest: Optional[str] = None):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
-        self.sweep, self.point, self.base = sweep, point, base
+        self.sweep, self.point, self.base, self.digest = sweep, point, base, digest
         self.runs: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
         self.settled: set[str] = set()  # trials whose run was FINISHED before this driver saw them
 
     def _run_for(self, trial) -> str:
@@ -181,6 +184,13 @@ class MlflowTrials(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items() if v == v]
         self.client.log_batch(run_id, metrics=metrics)
+        digest = result.get("code_digest")
+        if isinstance(digest, str) and self.digests.get(trial.trial_id) != digest:
+            self.digests[trial.trial_id] = digest
+            self.client.set_tag(run_id, TAG_DIGEST, digest)
+            if self.digest and digest != self.digest:
+                print(f"[{self.point}] WARNING: trial {trial.trial_id} runs code {digest}, the sweep {self.digest}",
+                      flush=True)
         if result.get("stop_reason"):
             self.client.set_tag(run_id, "buarl.stop_reason", redact(result["stop_reason"])[:5000])
 

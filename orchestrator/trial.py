@@ -14,13 +14,22 @@ from typing import Any, Optional
 import torch
 import yaml
 
+import buarl
 from buarl.checkpoint import save_best
 from buarl.config import Config, validate
 from buarl.data import load_benchmark
 from buarl.errors import TrainingDiverged
+from buarl.provenance import source_digest
 from buarl.train import Reporter, train
 
 STATE = "state.pt"
+# The packages a worker runs: the sweep ships them to every worker (Ray `py_modules`), so a
+# cluster's workers run the driver's code, not whatever copy their node has installed.
+PACKAGES = (Path(buarl.__file__).resolve().parent, Path(__file__).resolve().parent)
+
+
+def code_digest() -> str:
+    return source_digest(*PACKAGES)
 
 
 def flat_test_metrics(metrics: dict) -> dict[str, float]:
@@ -43,6 +52,7 @@ class RayReporter(Reporter):
         self.rank = ray.train.get_context().get_world_rank()
         self.scalars: dict[str, float] = {}
         self.state: Optional[dict] = None
+        self.digest = code_digest()  # reported with every result: which code this worker runs
 
     def log(self, step: int, scalars: dict) -> None:
         self.scalars = {f"train_{k}": float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
@@ -58,7 +68,7 @@ class RayReporter(Reporter):
 
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
         self.state = state
-        self._report({**self.scalars, **metrics, "done": 0},
+        self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest},
                      {STATE: lambda p: torch.save(state, p)})
 
     def restore(self) -> Optional[dict]:
@@ -72,7 +82,7 @@ class RayReporter(Reporter):
     def finish(self, metrics: dict, best_weights: dict) -> None:
         final = {**flat_test_metrics(metrics), "best_val_dice": float(metrics["best_val_dice"]),
                  "iteration": metrics["iterations"],
-                 "train_seconds": metrics["train_seconds"], "done": 1}
+                 "train_seconds": metrics["train_seconds"], "done": 1, "code_digest": self.digest}
 
         def regions(p: Path) -> None:
             from buarl.nets import build

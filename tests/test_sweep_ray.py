@@ -51,6 +51,7 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
     assert len(children) == 4 and set(children["status"]) == {"FINISHED"}
     assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    assert set(children["tags.buarl.code_digest"]) == {parents.iloc[0]["tags.buarl.code_digest"]}
     # one Optuna study per label ratio: two grid points, two trials each, two Tune experiments
     assert sorted(children["tags.buarl.grid_point"].value_counts().tolist()) == [2, 2]
     # each trial's trainable holds no CPU, so two 1-CPU trials run at once on two cores
@@ -165,3 +166,43 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
         row = kids[kids["tags.buarl.trial_id"] == trial_id].iloc[0]
         assert row["end_time"] == end
     assert (after[after["tags.buarl.role"] == "sweep"]["status"] == "FINISHED").all()
+
+
+def test_cluster_workers_run_the_drivers_code(tmp_path):
+    """A sweep launched from a code snapshot onto a cluster whose nodes import another copy
+    (here: this checkout, installed editable): the workers run the snapshot's code."""
+    import shutil
+    from buarl.provenance import source_digest
+    snap = tmp_path / "snap"
+    for pkg in ("buarl", "orchestrator"):
+        shutil.copytree(ROOT / pkg, snap / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (snap / "buarl" / "snapshot_marker.py").write_text("# only in the snapshot\n")
+    expected = source_digest(snap / "buarl", snap / "orchestrator")
+    assert expected != source_digest(ROOT / "buarl", ROOT / "orchestrator")
+    space = {**SPACE, "grid": {"labeled": [2]}, "search": {}, "name": "snap"}
+    (tmp_path / "snap.yaml").write_text(yaml.safe_dump(space))
+    sweep = [sys.executable, str(snap / "orchestrator" / "sweep.py"), "--space", str(tmp_path / "snap.yaml"),
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
+    # The nodes start from this process's environment (no snapshot on their path); only the
+    # driver runs from the snapshot.
+    script = f"""
+import os, subprocess, sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+env = {{**os.environ, "PYTHONPATH": {str(snap)!r}}}
+out = subprocess.run({sweep!r} + ["--address", cluster.address], env=env, capture_output=True, text=True,
+                     timeout=900)
+print(out.stdout[-3000:], out.stderr[-3000:])
+print("RC", out.returncode, flush=True)
+cluster.shutdown()
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=1200)
+    assert "RC 0" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = _runs(tmp_path, "snap")
+    trial = runs[runs["tags.buarl.role"] == "trial"].iloc[0]
+    parent = runs[runs["tags.buarl.role"] == "sweep"].iloc[0]
+    assert parent["tags.buarl.code_digest"] == expected
+    assert trial["status"] == "FINISHED" and trial["tags.buarl.code_digest"] == expected

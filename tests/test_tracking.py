@@ -71,3 +71,32 @@ def test_errored_trial_reopens_its_run_on_resume(sweep):
     second.on_trial_complete(0, [], trial)
     assert client.get_run(run).info.status == "FINISHED"
     assert _history(client, run, "val_dice") == [(5, 0.5)]
+
+
+def test_worker_code_digest_is_tagged_and_a_mismatch_is_reported(sweep, capsys):
+    client, exp, parent = sweep
+    driver = MlflowTrials(client, exp, parent, "s", "labeled=3", {}, digest="aaaaaaaaaaaa")
+    same, other = _trial("d"), _trial("e")
+    for trial, digest in ((same, "aaaaaaaaaaaa"), (other, "bbbbbbbbbbbb")):
+        driver.on_trial_start(0, [], trial)
+        driver.on_trial_result(0, [], trial, {"iteration": 1, "val_dice": 0.1, "code_digest": digest})
+    assert client.get_run(driver.runs["d"]).data.tags["buarl.code_digest"] == "aaaaaaaaaaaa"
+    assert client.get_run(driver.runs["e"]).data.tags["buarl.code_digest"] == "bbbbbbbbbbbb"
+    assert "code_digest" not in client.get_run(driver.runs["d"]).data.metrics
+    out = capsys.readouterr().out
+    assert "trial e runs code bbbbbbbbbbbb, the sweep aaaaaaaaaaaa" in out and "trial d" not in out
+
+
+def test_source_digest_changes_with_any_source_file(tmp_path):
+    from buarl.provenance import source_digest
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "c.yaml").write_text("k: 1\n")
+    first = source_digest(pkg)
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (pkg / "notes.txt").write_text("not code")
+    assert source_digest(pkg) == first and len(first) == 12
+    (pkg / "sub" / "c.yaml").write_text("k: 2\n")
+    assert source_digest(pkg) != first
