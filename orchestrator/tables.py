@@ -185,7 +185,7 @@ def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
             "metrics.best_val_dice": "best_val_dice", "metrics.best_step": "best_step",
             **{f"metrics.test_{k}": f"test_{k}" for k, *_ in METRICS},
             "metrics.test_empty_predictions": "empty_predictions", "metrics.test_structures": "structures",
-            "metrics.train_seconds": "train_seconds"}
+            "metrics.train_seconds": "train_seconds", "tags.buarl.code_digest": "code_digest"}
     present = {k: v for k, v in cols.items() if k in trials}
     out = trials[list(present)].rename(columns=present)
     # train_seconds restarts with a resumed worker; the run's own span covers the restarts

@@ -34,6 +34,7 @@ def store(tmp_path):
         for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
                      "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed}.items():
             client.log_metric(run, k, v)
+        client.set_tag(run, "buarl.code_digest", f"digest-{trial}")
         client.set_terminated(run, status=status)
 
     for i, method in enumerate(METHODS):
@@ -81,6 +82,7 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     listed = pd.read_csv(out / "trials.csv")
     assert len(listed) == 9 and listed["in_tables"].sum() == 8  # the val-losing searched trial is listed, not used
     assert not listed.loc[listed["in_tables"], "run_id"].duplicated().any()
+    assert set(listed.loc[listed["method"] == "BCP", "code_digest"]) == {"digest-BCP-1", "digest-BCP-2"}
 
 
 def test_mostly_empty_row_never_wins_a_distance_column(store, tmp_path):
