@@ -8,6 +8,17 @@ from buarl.data import phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    """A free local port, e.g. for a test cluster's dashboard: another Ray cluster on the
+    machine may hold 8265, and without its dashboard a cluster has no State API."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 needs_real_data = pytest.mark.skipif(not (SHARED / "ACDC").is_dir() or not (SHARED / "LA").is_dir(),
                                      reason=f"real data not found at {SHARED}")
 

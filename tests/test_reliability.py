@@ -13,7 +13,7 @@ import yaml
 from buarl.cli import main as buarl_main
 from orchestrator.sweep import main as sweep_main
 from orchestrator.tracking import redact
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ import mlflow
 sys.path.insert(0, {str(ROOT)!r})
 from orchestrator.sweep import main
 
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "dashboard_port": {free_port()}}})
 nodes = [cluster.add_node(num_cpus=1)]
 cluster.wait_for_nodes()
 rc = {{}}

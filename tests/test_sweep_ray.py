@@ -11,7 +11,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -188,7 +188,7 @@ def test_cluster_workers_run_the_drivers_code(tmp_path):
     script = f"""
 import os, subprocess, sys
 from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "dashboard_port": {free_port()}}})
 env = {{**os.environ, "PYTHONPATH": {str(snap)!r}}}
 out = subprocess.run({sweep!r} + ["--address", cluster.address], env=env, capture_output=True, text=True,
                      timeout=900)
