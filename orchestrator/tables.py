@@ -185,6 +185,8 @@ def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
             "metrics.best_val_dice": "best_val_dice", "metrics.best_step": "best_step",
             **{f"metrics.test_{k}": f"test_{k}" for k, *_ in METRICS},
             "metrics.test_empty_predictions": "empty_predictions", "metrics.test_structures": "structures",
+            # share of labeled pixels URL up-weights / unlabeled pixels CRL keeps, last log step
+            "metrics.train_frac_high": "frac_high", "metrics.train_frac_low": "frac_low",
             "metrics.train_seconds": "train_seconds", "tags.buarl.code_digest": "code_digest"}
     present = {k: v for k, v in cols.items() if k in trials}
     out = trials[list(present)].rename(columns=present)

@@ -32,7 +32,8 @@ def store(tmp_path):
                      "tau_l": tau}.items():
             client.log_param(run, k, v)
         for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
-                     "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed}.items():
+                     "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed,
+                     "train_frac_high": tau / 10}.items():
             client.log_metric(run, k, v)
         client.set_tag(run, "buarl.code_digest", f"digest-{trial}")
         client.set_terminated(run, status=status)
@@ -83,6 +84,7 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     assert len(listed) == 9 and listed["in_tables"].sum() == 8  # the val-losing searched trial is listed, not used
     assert not listed.loc[listed["in_tables"], "run_id"].duplicated().any()
     assert set(listed.loc[listed["method"] == "BCP", "code_digest"]) == {"digest-BCP-1", "digest-BCP-2"}
+    assert sorted(listed["frac_high"].unique()) == pytest.approx([0.05, 0.09])  # tau 0.5 and 0.9 trials
 
 
 def test_mostly_empty_row_never_wins_a_distance_column(store, tmp_path):
