@@ -251,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     # instead of the new engine's per-trial result dumps; worker logs stay in Ray's files.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
+    from orchestrator.trial import PACKAGES, code_digest
     # Workers on a loaded machine (or a node still starting) can need more than Ray
     # Train's default 60 s to come up; a timeout there looks like a hang of the trial.
-    from orchestrator.trial import PACKAGES, code_digest
     runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
                                 os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")},
                    # Workers run this driver's buarl and orchestrator (a snapshot, a dirty
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         n = mark_orphans(client, exp_id, parent)
         if n:
             print(f"marked {n} orphaned RUNNING trial run(s) KILLED (their trials resume into them)", flush=True)
-    from buarl.provenance import environment
-    client.set_tag(parent, "buarl.code_version", environment()["code_version"])
+    from buarl.provenance import code_version
+    client.set_tag(parent, "buarl.code_version", code_version())
     client.set_tag(parent, "buarl.code_digest", digest)
 
     started, results, status = time.time(), {}, "FINISHED"
