@@ -31,6 +31,9 @@ class Config(BaseModel):
 
     # method
     base: Literal["supervised", "mt", "bcp"] = "bcp"
+    # mt's unlabeled loss: the teacher's hard pseudo-labels (method.md) or SSL4MIS's MSE
+    # between student and teacher softmax, the teacher seeing the input with noise.
+    mt_consistency: Literal["pseudo", "mse"] = "pseudo"
     url: bool = True
     crl: bool = True
     tau_l: float = Field(0.5, ge=0.0, le=1.0)
@@ -88,6 +91,9 @@ class Config(BaseModel):
         if self.base == "bcp" and self.batch_size - self.labeled_bs != self.labeled_bs:
             raise ValueError("base=bcp pairs each labeled image with one unlabeled: "
                              "batch_size must be 2 * labeled_bs")
+        if self.mt_consistency != "pseudo" and self.base != "mt":
+            raise ValueError(f"mt_consistency={self.mt_consistency} applies to base=mt only "
+                             f"(base={self.base})")
         if len(self.patch_size) != 3 or min(self.patch_size) < 16:
             raise ValueError(f"patch_size must be three sizes >= 16, got {self.patch_size}")
         return self

@@ -5,7 +5,7 @@
         teacher: probabilities -> uncertainty U, pseudo-labels
         build the student's inputs, targets, per-pixel weights and source map
             supervised: labeled images only
-            mt:  labeled + unlabeled images side by side
+            mt:  labeled + unlabeled images side by side (pseudo-labels, or MSE to the teacher)
             bcp: copy-paste mixes (one box mask for images, targets, U)
         weights: labeled pixels 1 + lambda_url [U > tau_l]  (URL)
                  unlabeled pixels lambda_crl ramp(t) [U < tau_u]  (CRL)
@@ -31,11 +31,11 @@ from buarl.data import load_benchmark
 from buarl.data.sampling import TwoStreamSampler
 from buarl.errors import TrainingDiverged
 from buarl.evaluate import evaluate, validation_dice
-from buarl.method.losses import region_loss
+from buarl.method.losses import mse_consistency, region_loss
 from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import pseudo_labels
 from buarl.method.teacher import decay_at, ema_update, make_teacher
-from buarl.method.uncertainty import entropy_map, mc_probs
+from buarl.method.uncertainty import entropy_map, mc_probs, perturb
 from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
 from buarl.nets import build
 from buarl.runtime import autocast, device_of, memory_format, precision_of, seed_everything, to_device
@@ -169,13 +169,16 @@ class Loop:
         return entropy_map(self.teacher_probs(x))
 
     def mt_step(self, x_l, y_l, x_u, t):
+        """Mean teacher: labeled and unlabeled images in one student forward. The unlabeled
+        loss is CE + Dice on the teacher's pseudo-labels (`pseudo`) or SSL4MIS's MSE between
+        the softmaxes, the teacher seeing a noisy input (`mse`); CRL weights either."""
         cfg = self.cfg
         n = x_l.shape[0]
-        x = torch.cat([x_l, x_u])
-        logits = self.forward(x)
-        probs_t = self.teacher_probs(x if cfg.url and cfg.uncertainty_source == "teacher" else x_u)
+        logits = self.forward(torch.cat([x_l, x_u]))
+        x_t = x_u if cfg.mt_consistency == "pseudo" else perturb(x_u, self.gen)
+        probs_t = self.teacher_probs(torch.cat([x_l, x_t]) if cfg.url and cfg.uncertainty_source == "teacher"
+                                     else x_t)
         p_u = probs_t[-x_u.shape[0]:]
-        target = torch.cat([y_l, pseudo_labels(p_u, cfg.pseudo_lcc)])
         if cfg.uncertainty_source == "student":
             u = entropy_map(torch.softmax(logits.detach(), 1))
         else:
@@ -183,8 +186,11 @@ class Loop:
             # Without URL the labeled weights ignore U, so the teacher skips labeled images.
             u_l = entropy_map(probs_t[:n]) if cfg.url else u_u.new_zeros((n,) + u_u.shape[1:])
             u = torch.cat([u_l, u_u])
-        source = torch.cat([torch.ones_like(y_l), torch.zeros_like(target[n:])]).float()
+        source = torch.cat([torch.ones_like(u[:n]), torch.zeros_like(u[n:])])
         w, stats = self.weights(u, source, t)
+        if cfg.mt_consistency == "mse":
+            return region_loss(logits[:n], y_l, w[:n], source[:n]) + mse_consistency(logits[n:], p_u, w[n:]), stats
+        target = torch.cat([y_l, pseudo_labels(p_u, cfg.pseudo_lcc)])
         return region_loss(logits, target, w, source), stats
 
     def bcp_step(self, x_l, y_l, x_u, t):

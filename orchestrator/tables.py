@@ -25,7 +25,8 @@ from buarl.errors import BuarlError  # noqa: E402
 METRICS = [("dice", "Dice %", 100.0, "max"), ("jaccard", "Jaccard %", 100.0, "max"),
            ("hd95", "95HD", 1.0, "min"), ("asd", "ASD", 1.0, "min")]
 SEARCHABLE = ["tau_l", "tau_u", "lambda_url", "lambda_crl", "ema_decay", "rampup_iters"]
-METHOD_ORDER = ["Supervised", "MT", "MT+URL", "MT+CRL", "MT+URL+CRL", "BCP", "BCP+URL", "BCP+CRL", "BUARL"]
+METHOD_ORDER = ["Supervised", "MT", "MT+URL", "MT+CRL", "MT+URL+CRL",
+                "MT-MSE", "MT-MSE+URL", "MT-MSE+CRL", "MT-MSE+URL+CRL", "BCP", "BCP+URL", "BCP+CRL", "BUARL"]
 PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "reference" / "published.csv"
 RATIO = {"acdc": {3: "5%", 7: "10%", 14: "20%", 70: "100%"}, "la": {4: "5%", 8: "10%", 16: "20%", 80: "100%"}}
 
@@ -34,12 +35,12 @@ class TablesError(BuarlError):
     pass
 
 
-def method_name(base: str, url: bool, crl: bool) -> str:
+def method_name(base: str, url: bool, crl: bool, mt_consistency: str = "pseudo") -> str:
     if base == "supervised":
         return "Supervised"
     if base == "bcp" and url and crl:
         return "BUARL"
-    name = base.upper()
+    name = base.upper() + ("-MSE" if base == "mt" and mt_consistency == "mse" else "")
     return name + ("+URL" if url else "") + ("+CRL" if crl else "")
 
 
@@ -66,8 +67,10 @@ def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     if trials.empty:
         raise TablesError(f"experiment {what} has no FINISHED trial runs")
     trials = trials.sort_values("end_time").drop_duplicates("tags.buarl.trial_id", keep="last")
-    trials["method"] = [method_name(b, _bool(u), _bool(c)) for b, u, c in
-                        zip(trials["params.base"], trials["params.url"], trials["params.crl"])]
+    # Runs from before the switch existed trained the pseudo-label form.
+    consistency = trials.get("params.mt_consistency", pd.Series("pseudo", index=trials.index)).fillna("pseudo")
+    trials["method"] = [method_name(b, _bool(u), _bool(c), m) for b, u, c, m in
+                        zip(trials["params.base"], trials["params.url"], trials["params.crl"], consistency)]
     trials["labeled"] = trials["params.labeled"].astype(int)
     trials["seed"] = trials["params.seed"].astype(int)
     trials["dataset"] = trials["params.dataset"]

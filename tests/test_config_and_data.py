@@ -36,6 +36,8 @@ def test_overrides_parse_yaml_scalars():
     ({"iters": "many"}, "key 'iters'"),
     ({"base": "fixmatch"}, "key 'base'"),
     ({"labeled_bs": 20, "batch_size": 8}, "labeled_bs=20 is larger than batch_size=8"),
+    ({"mt_consistency": "mse"}, "mt_consistency=mse applies to base=mt only"),
+    ({"base": "mt", "mt_consistency": "kl"}, "key 'mt_consistency'"),
 ])
 def test_bad_config_names_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from buarl.method.losses import region_loss, soft_dice_loss
+from buarl.method.losses import mse_consistency, region_loss, soft_dice_loss
 from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import largest_component, pseudo_labels
 from buarl.method.teacher import decay_at, ema_update
@@ -124,6 +124,17 @@ def test_region_loss_normalises_each_source_by_its_area():
     # count as much as two whole images.
     diff = region_loss(logits, target, w, source) - region_loss(logits, target, w, torch.ones_like(source)) * 2
     assert abs(diff.item()) < 1e-5
+
+
+def test_mse_consistency_hand_computed():
+    # Student p = (0.5, 0.5) everywhere; teacher (1, 0) on pixel 0 and (0.5, 0.5) on pixel 1.
+    logits = torch.zeros(1, 2, 1, 2)
+    teacher = torch.tensor([[[[1.0, 0.5]], [[0.0, 0.5]]]])
+    # pixel 0: mean over classes of (0.25, 0.25) = 0.25; pixel 1: 0; normalised by 2 pixels
+    assert mse_consistency(logits, teacher, torch.ones(1, 1, 2)).item() == pytest.approx(0.125)
+    # A per-pixel weight scales each pixel's term (CRL masks it), the normaliser stays the area.
+    assert mse_consistency(logits, teacher, torch.tensor([[[0.1, 7.0]]])).item() == pytest.approx(0.0125)
+    assert mse_consistency(logits, teacher, torch.tensor([[[0.0, 1.0]]])).item() == 0.0
 
 
 def test_pseudo_labels_keep_largest_component_per_class():

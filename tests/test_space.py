@@ -32,7 +32,7 @@ def test_shipped_spaces_plan(capsys):
     for name in ("thresholds", "ema", "loss_weights", "ablation", "paper_acdc", "paper_la", "phantom_tiny"):
         assert main(["--space", name, "--dry-run"]) == 0, name
     out = capsys.readouterr().out
-    assert "grid points (12), one trial each (no search)" in out  # ablation: 6 switches x 2 seeds
+    assert "grid points (14), one trial each (no search)" in out  # ablation: 7 switches x 2 seeds
 
 
 def test_one_study_per_label_ratio(tmp_path):
@@ -98,7 +98,7 @@ def test_only_and_skip_select_grid_points(capsys):
     assert plan.total_trials == 4
     # the default: all cores shared by the trials that run at once
     plan, _ = prepare(parser().parse_args(["--space", "ablation", "--max-concurrent", "2"]))
-    assert len(plan.points) == 12 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
+    assert len(plan.points) == 14 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_selection_that_leaves_nothing_exits_2(capsys):

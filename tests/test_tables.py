@@ -102,9 +102,20 @@ def test_mostly_empty_row_never_wins_a_distance_column(store, tmp_path):
                      "best_val_dice": 0.01, "test_empty_predictions": missed, "test_structures": 20}.items():
             client.log_metric(run, k, v)
         client.set_terminated(run)
+    # The MSE form of MT is its own row; the runs above predate the switch (no param): pseudo.
+    run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": "mt-mse-1"}).info.run_id
+    for k, v in {"base": "mt", "mt_consistency": "mse", "url": False, "crl": False, "labeled": 3, "seed": 1,
+                 "dataset": "acdc"}.items():
+        client.log_param(run, k, v)
+    for k, v in {"test_dice": 0.4, "test_jaccard": 0.3, "test_hd95": 9.0, "test_asd": 3.0, "best_val_dice": 0.4,
+                 "test_empty_predictions": 0, "test_structures": 20}.items():
+        client.log_metric(run, k, v)
+    client.set_terminated(run)
     out = tmp_path / "t"
     assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
     nums = pd.read_csv(out / "comparison_numbers.csv").set_index("method")
+    assert nums.loc["MT", "n_seeds"] == 2 and nums.loc["MT-MSE", "n_seeds"] == 1
+    assert nums.loc["MT-MSE", "dice_mean"] == pytest.approx(40.0)
     assert nums.loc["MT", "missed_share_mean"] == pytest.approx((18 / 20 + 11 / 20) / 2)
     assert pd.isna(nums.loc["BCP", "missed_share_mean"])  # runs without the count are not judged
     table = pd.read_csv(out / "comparison.csv", header=[0, 1], index_col=0)

@@ -78,10 +78,12 @@ class Collect(Reporter):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base, url, crl", [("supervised", True, False), ("mt", True, True),
-                                            ("mt", False, False), ("bcp", False, True)])
-def test_every_base_and_switch_trains(acdc_phantom, base, url, crl):
-    sets = {"data_root": str(acdc_phantom), "base": base, "url": url, "crl": crl, "pretrain_iters": 2,
+@pytest.mark.parametrize("base, url, crl, consistency", [
+    ("supervised", True, False, "pseudo"), ("mt", True, True, "pseudo"), ("mt", False, False, "pseudo"),
+    ("mt", True, True, "mse"), ("bcp", False, True, "pseudo")])
+def test_every_base_and_switch_trains(acdc_phantom, base, url, crl, consistency):
+    sets = {"data_root": str(acdc_phantom), "base": base, "url": url, "crl": crl, "mt_consistency": consistency,
+            "pretrain_iters": 2,
             "iters": 4, "eval_every": 2, "log_every": 2, "rampup_iters": 4, "uncertainty": "entropy"}
     rep = Collect()
     metrics = train(load_config("phantom", sets), rep)
@@ -89,6 +91,40 @@ def test_every_base_and_switch_trains(acdc_phantom, base, url, crl):
     if url:
         assert all(0 <= sc["frac_high"] <= 1 for _, sc in rep.logs if "frac_high" in sc)
     assert 0 <= metrics["dice"] <= 1
+
+
+def test_mt_mse_step_is_labeled_loss_plus_masked_softmax_mse(acdc_phantom):
+    """mt_consistency=mse: the unlabeled term is the CRL-weighted squared softmax difference
+    to the teacher fed a noisy input, and no pseudo-label enters the loss."""
+    import torch
+    from buarl.method.losses import region_loss
+    from buarl.method.uncertainty import entropy_map, perturb
+    from buarl.method.weights import low_region
+    from buarl.train import Loop
+    sets = {"data_root": str(acdc_phantom), "base": "mt", "mt_consistency": "mse", "url": False, "crl": True,
+            "region_mode": "quantile", "tau_u": 0.5, "lambda_crl": 0.3, "rampup_iters": 0, "batch_size": 4, "labeled_bs": 2}
+    loop = Loop(load_config("phantom", sets), Reporter(), wrap=lambda m: m)
+    lab, unl = loop.sampler.next()
+    x_l, y_l = loop.data.batch(lab, loop.gen)
+    x_u = loop.data.batch(unl, loop.gen)[0]
+    # A teacher unlike the student, so the consistency term is not zero.
+    with torch.no_grad():
+        for p in loop.teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    gen_state, rng_state = loop.gen.get_state(), torch.get_rng_state()
+    loss, stats = loop.mt_step(x_l, y_l, x_u, t=0)
+    loop.gen.set_state(gen_state)
+    torch.set_rng_state(rng_state)
+    with torch.no_grad():
+        logits = loop.forward(torch.cat([x_l, x_u]))
+        p_t = loop.teacher_probs(perturb(x_u, loop.gen))
+        low = low_region(entropy_map(p_t), 0.5, "quantile")  # per image: below its median U
+        sup = region_loss(logits[:2], y_l, torch.ones_like(y_l, dtype=torch.float), torch.ones_like(y_l, dtype=torch.float))
+        sq = ((torch.softmax(logits[2:], 1) - p_t) ** 2).mean(1)
+        expected = sup + (0.3 * low * sq).sum() / sq.numel()
+    assert 0 < low.mean() < 1, "the test needs pixels on both sides of the threshold"
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["frac_low"].item() == pytest.approx(low.mean().item(), rel=1e-6)
 
 
 @pytest.mark.slow

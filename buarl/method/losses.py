@@ -44,3 +44,11 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
         dice_r = (m.sum() / area) * soft_dice_loss(probs, target, m)
         total = total + (ce_r + dice_r) / 2
     return total
+
+
+def mse_consistency(logits: torch.Tensor, target_probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SSL4MIS's mean-teacher consistency: squared softmax difference, averaged over classes,
+    weighted per pixel and normalised by the pixel count (as `region_loss` normalises by area),
+    so a constant weight w gives w * mean((p_s - p_t)^2)."""
+    per_pixel = ((torch.softmax(logits.float(), 1) - target_probs.float()) ** 2).mean(1)
+    return (weight * per_pixel).sum() / per_pixel.numel()
