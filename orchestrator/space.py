@@ -186,6 +186,17 @@ class Plan(BaseModel):
     def total_trials(self) -> int:
         return self.trials_per_point * len(self.points)
 
+    @property
+    def at_once(self) -> int:
+        """Trials running at once: grid points run one after another, so a grid point's own
+        trials are all that can overlap."""
+        return min(self.max_concurrent, self.trials_per_point)
+
+    def iterations(self, point: GridPoint) -> int:
+        """Iterations of one trial of a grid point (pre-training is BCP's alone)."""
+        v = {**self.base, **point.values}
+        return int(v.get("iters", 0)) + (int(v.get("pretrain_iters", 0)) if v.get("base") == "bcp" else 0)
+
 
 def point_name(values: dict[str, Any]) -> str:
     parts = [f"{k}={v}" for k, v in values.items()]
@@ -212,7 +223,8 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
             raise SpaceError(str(e)) from None
         points.append(GridPoint(name=point_name(values), values=values))
     per_trial = space.resources.workers * space.resources.cpus_per_worker
-    threads = max(1, int(cpus // max(1, max_concurrent * space.resources.workers)))
+    at_once = min(max_concurrent, (num_samples or space.num_samples) if space.search else 1)
+    threads = max(1, int(cpus // max(1, at_once * space.resources.workers)))
     return Plan(space=space, space_file=str(space_file), phantom=phantom, base=base, points=points,
                 num_samples=num_samples or space.num_samples, max_concurrent=max_concurrent,
                 threads_per_worker=threads if per_trial <= cpus else 1)
@@ -220,7 +232,8 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
 
 def describe(plan: Plan) -> str:
     s, r = plan.space, plan.space.resources
-    iters = plan.base.get("iters", 0) + (plan.base.get("pretrain_iters", 0) if plan.base.get("base") == "bcp" else 0)
+    budgets = [plan.iterations(p) for p in plan.points]
+    per_trial = f"{min(budgets)}" if min(budgets) == max(budgets) else f"{min(budgets)}-{max(budgets)}"
     lines = [f"space {s.name} ({plan.space_file})",
              f"  data: {'built-in phantom (no --data-root)' if plan.phantom else plan.base['data_root']}",
              f"  base config: {s.phantom_config if plan.phantom else s.base_config} + fixed {s.fixed or '{}'}"
@@ -234,8 +247,13 @@ def describe(plan: Plan) -> str:
             rng = f"choices {d.choices}" if isinstance(d, Categorical) else f"[{d.low}, {d.high}]"
             lines.append(f"    - {key}: {d.type} {rng}")
     lines += [f"  trials: {plan.trials_per_point} per grid point, {plan.total_trials} in total",
-              f"  iteration budget: {iters} per trial, {iters * plan.total_trials} in total",
+              f"  iteration budget: {per_trial} per trial, {sum(budgets) * plan.trials_per_point} in total",
               f"  metric: {s.metric} ({s.mode})" + (f", ASHA grace {s.scheduler.grace_period}" if s.scheduler else ""),
               f"  resources: {r.workers} worker(s) x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU per trial; "
-              f"{plan.max_concurrent} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker"]
+              f"{plan.at_once} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker"]
+    if plan.max_concurrent > plan.at_once:
+        lines.append(f"  note: --max-concurrent {plan.max_concurrent} applies within a grid point, which has "
+                     f"{plan.trials_per_point} trial(s), and grid points run one after another; to run grid "
+                     "points at once, start one cluster and a sweep per share of the grid "
+                     "(--only GLOB --address auto --threads N)")
     return "\n".join(lines)

@@ -96,9 +96,20 @@ def test_only_and_skip_select_grid_points(capsys):
     assert [p.values["seed"] for p in plan.points] == [1338] * 4
     assert {p.values["base"] for p in plan.points} == {"bcp"}
     assert plan.total_trials == 4
-    # the default: all cores shared by the trials that run at once
+    # the default: all cores shared by the trials that run at once; a grid point of one trial
+    # runs alone (grid points run one after another), so it gets them all
     plan, _ = prepare(parser().parse_args(["--space", "ablation", "--max-concurrent", "2"]))
-    assert len(plan.points) == 14 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
+    assert len(plan.points) == 14 and plan.at_once == 1 and plan.threads_per_worker == (os.cpu_count() or 1)
+    plan, _ = prepare(parser().parse_args(["--space", "thresholds", "--max-concurrent", "2"]))
+    assert plan.at_once == 2 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_plan_counts_iterations_per_base_and_says_when_concurrency_cannot_apply(capsys):
+    # acdc_cpu: pretrain 500 + 1000 iterations for bcp; supervised and mt have no pre-training
+    assert main(["--space", "ablation", "--data-root", str(ROOT), "--max-concurrent", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "iteration budget: 1000-1500 per trial, " + str(2 * (4 * 1500 + 3 * 1000)) + " in total" in out
+    assert "1 trial(s) at once" in out and "--max-concurrent 2 applies within a grid point" in out
 
 
 def test_selection_that_leaves_nothing_exits_2(capsys):

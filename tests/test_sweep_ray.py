@@ -168,6 +168,39 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
     assert (after[after["tags.buarl.role"] == "sweep"]["status"] == "FINISHED").all()
 
 
+def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
+    """Tune catches SIGINT itself and returns early; the sweep must stop there, not start
+    the next grid point."""
+    space = {**SPACE, "grid": {"labeled": [2, 3]}}
+    cmd, env = _sweep(tmp_path, space, name="ctrlc")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        try:
+            runs = _runs(tmp_path, "ctrlc")
+        except Exception:
+            continue
+        if "tags.buarl.role" in runs and (runs["tags.buarl.role"] == "trial").any():
+            break
+    assert proc.poll() is None, "the sweep ended before its first trial was seen"
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "continue with the same command plus --resume" in out
+    assert "=== grid point labeled=3" not in out, out[-3000:]
+    assert not list((tmp_path / "ray" / "ctrlc").glob("labeled=3*"))
+    runs = _runs(tmp_path, "ctrlc")
+    assert runs[runs["tags.buarl.role"] == "sweep"]["status"].tolist() == ["KILLED"]
+
+    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = _runs(tmp_path, "ctrlc")
+    kids = runs[(runs["tags.buarl.role"] == "trial") & (runs["status"] == "FINISHED")]
+    assert sorted(kids["params.labeled"].astype(int)) == [2, 3]
+    assert runs[runs["tags.buarl.role"] == "sweep"]["status"].tolist() == ["FINISHED"]
+
+
 def test_cluster_workers_run_the_drivers_code(tmp_path):
     """A sweep launched from a code snapshot onto a cluster whose nodes import another copy
     (here: this checkout, installed editable): the workers run the snapshot's code."""
