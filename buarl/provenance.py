@@ -41,6 +41,7 @@ def source_digest(*roots: Path) -> str:
 
 
 def environment() -> dict:
-    return {"code_version": code_version(), "code_digest": source_digest(Path(buarl.__file__).parent),
+    # Named for its scope: a sweep's `buarl.code_digest` also covers orchestrator/.
+    return {"code_version": code_version(), "buarl_digest": source_digest(Path(buarl.__file__).parent),
             "torch": torch.__version__,
             "python": platform.python_version(), "host": platform.node()}

@@ -1,5 +1,6 @@
 """End-to-end runs of `buarl train` / `buarl evaluate` with tiny iteration counts."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,6 +26,9 @@ def _check_run(out, dataset):
     assert load_config(str(out / "config.yaml")).to_dict() == cfg  # the resolved config reloads as is
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == cfg["seed"] and run["code_version"] and run["data_root"] == cfg["data_root"]
+    import buarl
+    from buarl.provenance import source_digest
+    assert run["buarl_digest"] == source_digest(Path(buarl.__file__).parent)
     return metrics
 
 
