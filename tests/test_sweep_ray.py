@@ -135,7 +135,9 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
                 finished = kids[kids["status"] == "FINISHED"]["tags.buarl.trial_id"].tolist()
                 if finished and len(kids) > len(finished):
                     break
-    assert finished, "no trial finished before the deadline"
+    assert finished, ("no trial finished before the deadline" if proc.poll() is None else
+                      f"the sweep ended (exit {proc.returncode}) before a finished trial was seen:\n"
+                      + proc.stdout.read()[-3000:])
     # The driver and everything it started (its local Ray cluster), nothing else on the machine.
     family = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -171,21 +173,24 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
 def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
     """Tune catches SIGINT itself and returns early; the sweep must stop there, not start
     the next grid point."""
+    import threading
     space = {**SPACE, "grid": {"labeled": [2, 3]}}
     cmd, env = _sweep(tmp_path, space, name="ctrlc")
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(2)
-        try:
-            runs = _runs(tmp_path, "ctrlc")
-        except Exception:
-            continue
-        if "tags.buarl.role" in runs and (runs["tags.buarl.role"] == "trial").any():
-            break
-    assert proc.poll() is None, "the sweep ended before its first trial was seen"
+    lines, running = [], threading.Event()
+
+    def read():  # the driver's progress table shows the first grid point's trial RUNNING
+        for line in proc.stdout:
+            lines.append(line)
+            if "| RUNNING" in line and not any("=== grid point labeled=3" in x for x in lines):
+                running.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert running.wait(600), "".join(lines)[-3000:]
     proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=300)[0]
+    proc.wait(timeout=300)
+    reader.join(timeout=30)
+    out = "".join(lines)
     assert proc.returncode == 130, out[-3000:]
     assert "continue with the same command plus --resume" in out
     assert "=== grid point labeled=3" not in out, out[-3000:]
