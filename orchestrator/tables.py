@@ -302,9 +302,13 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     trial_list(trials, chosen).to_csv(out / "trials.csv", index=False)
     files += ["trials.csv"]
     files += plots(trials, out)
+    sweeps = runs[runs["tags.buarl.role"] == "sweep"]
+    if "tags.mlflow.parentRunId" in trials:
+        # Only the sweeps behind the counted trials: an interrupted sweep whose trials were
+        # finished by another (a --resume, a rerun under another name) is not part of the result.
+        sweeps = sweeps[sweeps["run_id"].isin(trials["tags.mlflow.parentRunId"])]
     parents = [{"name": r.get("tags.buarl.sweep"), "command": r.get("params.command"),
-                "code": r.get("tags.buarl.code_version")}
-               for _, r in runs[runs["tags.buarl.role"] == "sweep"].iterrows()]
+                "code": r.get("tags.buarl.code_version")} for _, r in sweeps.iterrows()]
     (out / "README.md").write_text(readme(experiments, tracking_uri, trials, parents, files))
     return files
 

@@ -46,6 +46,11 @@ def store(tmp_path):
     add("BUARL-1", "BUARL", 1, truth[("BUARL", 1)], truth[("BUARL", 1)])  # the same trial logged twice
     add("BUARL-x", "BUARL", 1, 0.99, 0.99, status="KILLED")               # never finished
     add("BUARL-s", "BUARL", 2, 0.95, 0.01, tau=0.9)                       # worse on validation
+    # A sweep that never finished a trial is not among the commands behind the tables.
+    stopped = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.sweep": "stopped"}).info.run_id
+    client.log_param(stopped, "command", "buarl-sweep --space ablation --name stopped")
+    client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": "BCP-z", "mlflow.parentRunId": stopped})
+    client.set_terminated(stopped, status="KILLED")
     return uri, truth
 
 
@@ -79,7 +84,8 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     # empty predictions travel with the row (mean over the chosen seeds' runs: 3 and 6)
     assert abl.loc["BUARL", "empty preds"] == pytest.approx(4.5) and nums.loc["BCP", "empty_predictions_mean"] == 4.5
     assert (out / "sensitivity_tau_l.png").exists() and (out / "parallel.png").exists()
-    assert "buarl-sweep --space ablation" in (out / "README.md").read_text()
+    text = (out / "README.md").read_text()
+    assert "buarl-sweep --space ablation`" in text and "--name stopped" not in text
     listed = pd.read_csv(out / "trials.csv")
     assert len(listed) == 9 and listed["in_tables"].sum() == 8  # the val-losing searched trial is listed, not used
     assert not listed.loc[listed["in_tables"], "run_id"].duplicated().any()
