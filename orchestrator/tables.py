@@ -235,7 +235,10 @@ def plots(trials: pd.DataFrame, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
-    searched = [p for p in SEARCHABLE if f"params.{p}" in trials and trials[f"params.{p}"].astype(float).nunique() > 1]
+    # Searched = varies among the trials of one method and label ratio; a value that only
+    # differs between methods (an ablation row's own rampup, say) is a method setting.
+    searched = [p for p in SEARCHABLE if f"params.{p}" in trials and
+                trials.assign(v=trials[f"params.{p}"].astype(float)).groupby(["method", "labeled"])["v"].nunique().max() > 1]
     for p in searched:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for labeled, g in trials.groupby("labeled"):

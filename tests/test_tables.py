@@ -29,7 +29,7 @@ def store(tmp_path):
         run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": trial,
                                            "mlflow.parentRunId": parent}).info.run_id
         for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": seed, "dataset": "acdc",
-                     "tau_l": tau}.items():
+                     "tau_l": tau, "rampup_iters": 100 * len(method)}.items():  # a per-method setting
             client.log_param(run, k, v)
         for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
                      "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed,
@@ -84,6 +84,7 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     # empty predictions travel with the row (mean over the chosen seeds' runs: 3 and 6)
     assert abl.loc["BUARL", "empty preds"] == pytest.approx(4.5) and nums.loc["BCP", "empty_predictions_mean"] == 4.5
     assert (out / "sensitivity_tau_l.png").exists() and (out / "parallel.png").exists()
+    assert not (out / "sensitivity_rampup_iters.png").exists()  # differs only between methods
     text = (out / "README.md").read_text()
     assert "buarl-sweep --space ablation`" in text and "--name stopped" not in text
     listed = pd.read_csv(out / "trials.csv")
