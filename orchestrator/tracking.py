@@ -168,7 +168,9 @@ class MlflowTrials(Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        run_id = self._run_for(trial)
+        if trial.trial_id not in self.settled:  # where to find it while it runs
+            print(f"[{self.point}] trial {trial.trial_id} started: MLflow run {run_id}", flush=True)
 
     def _live(self, trial) -> Optional[str]:
         """The trial's run, or None for a replay of a trial whose run is already final."""

@@ -179,10 +179,10 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, running = [], threading.Event()
 
-    def read():  # the driver's progress table shows the first grid point's trial RUNNING
+    def read():  # the driver announces each trial it starts (its progress table may not: every 30 s)
         for line in proc.stdout:
             lines.append(line)
-            if "| RUNNING" in line and not any("=== grid point labeled=3" in x for x in lines):
+            if line.startswith("[labeled=2_seed=1337] trial ") and " started: MLflow run " in line:
                 running.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

@@ -84,7 +84,7 @@ def test_worker_code_digest_is_tagged_and_a_mismatch_is_reported(sweep, capsys):
     assert client.get_run(driver.runs["e"]).data.tags["buarl.code_digest"] == "bbbbbbbbbbbb"
     assert "code_digest" not in client.get_run(driver.runs["d"]).data.metrics
     out = capsys.readouterr().out
-    assert "trial e runs code bbbbbbbbbbbb, the sweep aaaaaaaaaaaa" in out and "trial d" not in out
+    assert "trial e runs code bbbbbbbbbbbb, the sweep aaaaaaaaaaaa" in out and "trial d runs code" not in out
 
 
 def test_source_digest_changes_with_any_source_file(tmp_path):
