@@ -176,7 +176,11 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
     import threading
     space = {**SPACE, "grid": {"labeled": [2, 3]}}
     cmd, env = _sweep(tmp_path, space, name="ctrlc")
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A job started in the background by a shell without job control (as CI may run this
+    # suite) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: give
+    # the sweep a terminal's default disposition, as when a user presses Ctrl-C.
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines, running = [], threading.Event()
 
     def read():  # the driver announces each trial it starts (its progress table may not: every 30 s)
