@@ -222,12 +222,11 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
         except ConfigError as e:
             raise SpaceError(str(e)) from None
         points.append(GridPoint(name=point_name(values), values=values))
-    per_trial = space.resources.workers * space.resources.cpus_per_worker
-    at_once = min(max_concurrent, (num_samples or space.num_samples) if space.search else 1)
-    threads = max(1, int(cpus // max(1, at_once * space.resources.workers)))
-    return Plan(space=space, space_file=str(space_file), phantom=phantom, base=base, points=points,
-                num_samples=num_samples or space.num_samples, max_concurrent=max_concurrent,
-                threads_per_worker=threads if per_trial <= cpus else 1)
+    plan = Plan(space=space, space_file=str(space_file), phantom=phantom, base=base, points=points,
+                num_samples=num_samples or space.num_samples, max_concurrent=max_concurrent, threads_per_worker=1)
+    if space.resources.workers * space.resources.cpus_per_worker <= cpus:
+        plan.threads_per_worker = max(1, int(cpus // max(1, plan.at_once * space.resources.workers)))
+    return plan
 
 
 def describe(plan: Plan) -> str:

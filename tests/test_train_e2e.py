@@ -3,11 +3,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import buarl
 from buarl.cli import main
 from buarl.config import load_config
-from buarl.train import Reporter, train
+from buarl.method.losses import region_loss
+from buarl.method.uncertainty import entropy_map, perturb
+from buarl.method.weights import low_region
+from buarl.provenance import source_digest
+from buarl.train import Loop, Reporter, train
 from tests.conftest import SHARED, needs_real_data
 
 TINY = ["pretrain_iters=4", "iters=6", "eval_every=5", "log_every=5"]
@@ -26,8 +32,6 @@ def _check_run(out, dataset):
     assert load_config(str(out / "config.yaml")).to_dict() == cfg  # the resolved config reloads as is
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == cfg["seed"] and run["code_version"] and run["data_root"] == cfg["data_root"]
-    import buarl
-    from buarl.provenance import source_digest
     assert run["buarl_digest"] == source_digest(Path(buarl.__file__).parent)
     return metrics
 
@@ -100,11 +104,6 @@ def test_every_base_and_switch_trains(acdc_phantom, base, url, crl, consistency)
 def test_mt_mse_step_is_labeled_loss_plus_masked_softmax_mse(acdc_phantom):
     """mt_consistency=mse: the unlabeled term is the CRL-weighted squared softmax difference
     to the teacher fed a noisy input, and no pseudo-label enters the loss."""
-    import torch
-    from buarl.method.losses import region_loss
-    from buarl.method.uncertainty import entropy_map, perturb
-    from buarl.method.weights import low_region
-    from buarl.train import Loop
     sets = {"data_root": str(acdc_phantom), "base": "mt", "mt_consistency": "mse", "url": False, "crl": True,
             "region_mode": "quantile", "tau_u": 0.5, "lambda_crl": 0.3, "rampup_iters": 0, "batch_size": 4, "labeled_bs": 2}
     loop = Loop(load_config("phantom", sets), Reporter(), wrap=lambda m: m)
