@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     # The classic CLIReporter table (trimmed to the searched parameters and the metrics)
     # instead of the new engine's per-trial result dumps; worker logs stay in Ray's files.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # By default Tune catches Ctrl-C, saves its state and returns from fit() as if the grid
+    # point had ended, and the sweep would start the next one. Let the interrupt reach the
+    # grid loop instead: Tune's periodic state and the trials' checkpoints are what --resume
+    # uses (the same as after a killed driver).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     import ray
     from orchestrator.trial import PACKAGES, code_digest
     # Workers on a loaded machine (or a node still starting) can need more than Ray
@@ -290,11 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     client.set_tag(parent, "buarl.code_version", code_version())
     client.set_tag(parent, "buarl.code_digest", digest)
 
-    # By default Tune catches Ctrl-C, saves its state and returns from fit() as if the grid
-    # point had ended, and the sweep would start the next one. Let the interrupt reach this
-    # loop instead: Tune's periodic state and the trials' checkpoints are what --resume uses
-    # (the same as after a killed driver).
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     started, results, status = time.time(), {}, "FINISHED"
     try:
         for point in plan.points:
