@@ -23,7 +23,7 @@ sweep: setup  ## the main job: a Ray Tune + Optuna sweep, tracked in MLflow (pha
 test: setup   ## the whole test suite (real-data tests skip when ../shared/data is absent)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
-bench: setup  ## fp32 vs bf16 step time on this CPU -> bench/results/precision.json
+bench: setup  ## fp32 vs bf16 step time, 2-D and 3-D, on this CPU -> bench/results/precision_*.json
 	$(PY) bench/precision.py
 
 clean:

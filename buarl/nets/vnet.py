@@ -6,10 +6,25 @@ import torch
 from torch import nn
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that avoids a oneDNN defect: on the CPU in bf16, the weight gradient of a
+    3x3x3 convolution whose input has depth 2 (the first spatial axis) reads memory it never
+    wrote: run to run it differs, at times 1e36 or NaN (torch 2.13, AVX512-BF16; depths 1 and
+    >= 3, fp32 and 2-D are exact; docs/method_choices.md, "Precision"). Such an input is a
+    tiny bottleneck (a 32-voxel patch side / 16), so computing it in fp32 costs nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.shape[2] == 2 and self.kernel_size[0] == 3
+                and torch.is_autocast_enabled("cpu")):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def _stage(n: int, cin: int, cout: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n):
-        layers += [nn.Conv3d(cin if i == 0 else cout, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
+        layers += [Conv3d(cin if i == 0 else cout, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
