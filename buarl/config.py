@@ -43,11 +43,22 @@ class Config(BaseModel):
     lambda_url: float = Field(1.0, ge=0.0)
     lambda_crl: float = Field(0.5, ge=0.0)
     ema_decay: float = Field(0.99, ge=0.0, le=1.0)
+    # SSL4MIS's warm-up min(1 - 1/(t+1), ema_decay) suits a random-init teacher (mt); BCP's
+    # teacher starts pre-trained and keeps a fixed 0.99. None: true for mt, false otherwise.
+    ema_warmup: Optional[bool] = None
+    # BCP and SSL4MIS never put the EMA model in eval mode: dropout on, batch statistics.
+    teacher_mode: Literal["train", "eval"] = "train"
+    # BCP forwards each mixed half (and the teacher each unlabeled half) as its own call,
+    # so batch norm sees separate statistics; 1 forwards the whole batch at once.
+    split_forward: bool = True
     rampup_iters: int = Field(0, ge=0)
     uncertainty: Literal["entropy", "mc_entropy"] = "entropy"
     mc_passes: int = Field(8, ge=1)
     uncertainty_source: Literal["teacher", "student"] = "teacher"
     pseudo_lcc: bool = True
+    # skimage's label() default, used by BCP and UA-MT: 8-connectivity in 2-D, 26 in 3-D.
+    lcc_connectivity: Literal["full", "face"] = "full"
+    dice_smooth: float = Field(1e-10, gt=0.0, description="BCP's ACDC DiceLoss: 1e-10; its LA mask_DiceLoss: 1e-5")
     paste_ratio: float = Field(2 / 3, gt=0.0, lt=1.0)
 
     # optimisation
@@ -56,11 +67,15 @@ class Config(BaseModel):
     batch_size: int = Field(24, ge=1)
     labeled_bs: int = Field(12, ge=1)
     lr: float = Field(0.01, gt=0.0)
-    lr_schedule: Literal["poly", "constant", "step"] = "poly"
+    lr_schedule: Literal["poly", "constant", "step"] = "constant"
     lr_step: int = Field(2500, ge=1, description="step schedule: x0.1 every N self-training iterations")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     pretrain_iters: int = Field(10000, ge=0)
+    # BCP's self-training starts from the best-on-validation pre-training checkpoint (ACDC:
+    # with its optimizer state; LA: a fresh optimizer); `last`: the last pre-training iterate.
+    self_train_init: Literal["best", "last"] = "best"
+    self_train_optimizer: Literal["keep", "reset"] = "keep"
     iters: int = Field(30000, ge=1)
     eval_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
@@ -76,6 +91,13 @@ class Config(BaseModel):
     precision: Literal["auto", "bf16", "fp32", "amp"] = "auto"
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_base_defaults(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("ema_warmup") is None:
+            values = {**values, "ema_warmup": values.get("base", "bcp") == "mt"}
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

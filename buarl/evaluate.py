@@ -103,16 +103,23 @@ def predict(model: nn.Module, case: Case, cfg: Config, device: torch.device) -> 
     return fn(model, case.image, cfg, device)
 
 
-def validation_dice(model: nn.Module, cases: Iterable[Case], cfg: Config, device: torch.device) -> float:
-    """Mean foreground Dice over cases and classes (model selection; no distances)."""
+def validation_scores(model: nn.Module, cases: Iterable[Case], cfg: Config, device: torch.device) -> dict:
+    """Mean foreground Dice over cases and classes (model selection; no distances), and the
+    fraction of val voxels predicted / labeled foreground (a collapse to background shows)."""
     was = model.training
     model.eval()
-    scores = []
+    scores, fg_pred, fg_true, voxels = [], 0, 0, 0
     for case in cases:
         pred = predict(model, case, cfg, device)
         scores.append([dice_only(pred == c, case.label == c) for c in range(1, cfg.num_classes)])
+        fg_pred += np.count_nonzero(pred)
+        fg_true += np.count_nonzero(case.label)
+        voxels += pred.size
     model.train(was)
-    return float(np.mean(scores)) if scores else float("nan")
+    nan = float("nan")
+    return {"dice": float(np.mean(scores)) if scores else nan,
+            "fg_pred": fg_pred / voxels if voxels else nan, "fg_true": fg_true / voxels if voxels else nan}
+
 
 
 def evaluate(model: nn.Module, cases: list[Case], cfg: Config, device: torch.device,

@@ -38,9 +38,13 @@ class LocalReporter(Reporter):
 
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
         mark = " (best, saved best.pt)" if is_best else ""
-        self._say(f"it {step:>6} val_dice={metrics['val_dice']:.4f}{mark}")
+        self._say(f"it {step:>6} val_dice={metrics['val_dice']:.4f} val_fg={metrics['val_fg']:.4f}"
+                  f" (true {metrics['val_fg_true']:.4f}){mark}")
         if is_best:
             save_best(self.out / "best.pt", state["best_weights"], self.cfg, step, metrics["val_dice"])
+
+    def warn(self, step: int, message: str) -> None:
+        self._say(f"WARNING it {step}: {message}")
 
     def finish(self, metrics: dict, best_weights: dict) -> None:
         if not (self.out / "best.pt").exists():  # no validation improved: keep the final weights

@@ -1,8 +1,10 @@
 """The BUARL training loop, readable top to bottom.
 
+    bcp: pre-train on copy-pasted labeled pairs; self-training starts from the best
+         pre-training checkpoint, the teacher a copy of it
     for each iteration:
         draw a two-stream batch (labeled + unlabeled), augment it
-        teacher: probabilities -> uncertainty U, pseudo-labels
+        teacher (train mode, as BCP/SSL4MIS): probabilities -> uncertainty U, pseudo-labels
         build the student's inputs, targets, per-pixel weights and source map
             supervised: labeled images only
             mt:  labeled + unlabeled images side by side (pseudo-labels, or MSE to the teacher)
@@ -10,7 +12,8 @@
         weights: labeled pixels 1 + lambda_url [U > tau_l]  (URL)
                  unlabeled pixels lambda_crl ramp(t) [U < tau_u]  (CRL)
         loss = (weighted CE + weighted Dice) / 2 per source region; SGD step; EMA teacher
-        every eval_every: val Dice, checkpoint to the reporter, keep the best weights
+        every eval_every: val Dice and foreground fraction, checkpoint to the reporter,
+        keep the best weights, warn when val Dice falls below half its best (a collapse)
     test metrics of the best weights
 
 The loop does not know who listens: a `Reporter` receives logs and checkpoints and may
@@ -20,6 +23,7 @@ in `orchestrator/`. DDP comes from the `wrap` callable applied to the student.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from typing import Callable, Optional
 
@@ -30,7 +34,7 @@ from buarl.config import Config
 from buarl.data import load_benchmark
 from buarl.data.sampling import TwoStreamSampler
 from buarl.errors import TrainingDiverged
-from buarl.evaluate import evaluate, validation_dice
+from buarl.evaluate import evaluate, validation_scores
 from buarl.method.losses import mse_consistency, region_loss
 from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import pseudo_labels
@@ -56,6 +60,24 @@ class Reporter:
     def finish(self, metrics: dict, best_weights: dict) -> None:
         pass
 
+    def warn(self, step: int, message: str) -> None:
+        print(f"buarl: warning at iteration {step}: {message}", file=sys.stderr, flush=True)
+
+
+class SplitForward(nn.Module):
+    """Runs the network on each of `chunks` parts of the batch as its own call, so batch
+    norm normalises each part by its own statistics (BCP forwards its two mixed halves
+    separately). One module call per step keeps DDP's one-forward-one-backward contract."""
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        self.core = core
+
+    def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+        if chunks == 1:
+            return self.core(x)
+        return torch.cat([self.core(part) for part in x.chunk(chunks)])
+
 
 def _rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -63,10 +85,12 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
-def lr_at(cfg: Config, t: int, stage_iters: int) -> float:
+def lr_at(cfg: Config, t: int, stage_iters: int, stage: str = "self") -> float:
+    """The learning rate of step t of a stage. poly (SSL4MIS) restarts per stage; step is
+    BCP's LA schedule: constant pre-training, x0.1 every lr_step self-training iterations."""
     if cfg.lr_schedule == "poly":
         return cfg.lr * (1.0 - t / max(stage_iters, 1)) ** 0.9
-    if cfg.lr_schedule == "step":
+    if cfg.lr_schedule == "step" and stage == "self":
         return cfg.lr * 0.1 ** (t // cfg.lr_step)
     return cfg.lr
 
@@ -85,7 +109,7 @@ class Loop:
             seed_everything(cfg.seed + 1000 * self.rank)  # dropout and noise differ per replica
         self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
         self.teacher = make_teacher(core)
-        self.student = wrap(core)
+        self.student = wrap(SplitForward(core))
         self.optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(enabled=precision_of(cfg, self.device) == "amp")
@@ -97,6 +121,8 @@ class Loop:
         self.total = self.pretrain + cfg.iters
         self.step = 0
         self.best = {"dice": -1.0, "step": -1, "weights": None}
+        # the best pre-training checkpoint: weights and optimizer state (BCP's self-training start)
+        self.pre_best: Optional[dict] = None
 
     # ---- state -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -104,7 +130,7 @@ class Loop:
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "best_dice": self.best["dice"], "best_step": self.best["step"],
-                "best_weights": self.best["weights"], "config": self.cfg.to_dict()}
+                "best_weights": self.best["weights"], "pre_best": self.pre_best, "config": self.cfg.to_dict()}
 
     def load(self, state: dict) -> None:
         self.core.load_state_dict(state["student"])
@@ -116,17 +142,19 @@ class Loop:
         self.step = int(state["step"])
         self.best = {"dice": float(state["best_dice"]), "step": int(state["best_step"]),
                      "weights": state["best_weights"]}
+        self.pre_best = state.get("pre_best")
 
     # ---- teacher view ------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_probs(self, x: torch.Tensor) -> torch.Tensor:
+    def teacher_probs(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+        """Teacher softmax, one call per chunk of the batch (BCP: one per unlabeled half)."""
         cfg = self.cfg
-        if cfg.uncertainty == "mc_entropy":
-            with autocast(cfg, self.device):
-                return mc_probs(self.teacher, x, cfg.mc_passes, self.gen)
-        self.teacher.eval()
+        parts = x.chunk(chunks)
         with autocast(cfg, self.device):
-            return torch.softmax(self.teacher(x).float(), 1)
+            if cfg.uncertainty == "mc_entropy":
+                return torch.cat([mc_probs(self.teacher, part, cfg.mc_passes, self.gen) for part in parts])
+            self.teacher.train(cfg.teacher_mode == "train")
+            return torch.cat([torch.softmax(self.teacher(part).float(), 1) for part in parts])
 
     def weights(self, u: torch.Tensor, source: torch.Tensor, t: int) -> tuple[torch.Tensor, dict]:
         """Per-pixel weights: URL on labeled pixels (source 1), CRL on unlabeled (source 0)."""
@@ -142,9 +170,12 @@ class Loop:
         return w, stats
 
     # ---- one iteration per base ----------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
         with autocast(self.cfg, self.device):
-            return self.student(x.contiguous(memory_format=self.fmt)).float()
+            return self.student(x.contiguous(memory_format=self.fmt), chunks).float()
+
+    def loss(self, logits, target, weight, source) -> torch.Tensor:
+        return region_loss(logits, target, weight, source, self.cfg.dice_smooth)
 
     def pretrain_step(self, x_l, y_l):
         """BCP pre-training: labeled pairs copy-pasted into each other, both regions supervised."""
@@ -153,7 +184,7 @@ class Loop:
         x = mix(x_l[:half], x_l[half:], m)
         y = mix(y_l[:half], y_l[half:], m).long()
         source = m.expand_as(y).float()
-        loss = region_loss(self.forward(x), y, torch.ones_like(source), source)
+        loss = self.loss(self.forward(x), y, torch.ones_like(source), source)
         return loss, {}
 
     def supervised_step(self, x_l, y_l, t):
@@ -161,7 +192,7 @@ class Loop:
         source = torch.ones(y_l.shape, device=x_l.device)
         u = self.uncertainty(x_l, logits) if self.cfg.url else torch.zeros_like(source)
         w, stats = self.weights(u, source, t)
-        return region_loss(logits, y_l, w, source), stats
+        return self.loss(logits, y_l, w, source), stats
 
     def uncertainty(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.uncertainty_source == "student":
@@ -189,19 +220,23 @@ class Loop:
         source = torch.cat([torch.ones_like(u[:n]), torch.zeros_like(u[n:])])
         w, stats = self.weights(u, source, t)
         if cfg.mt_consistency == "mse":
-            return region_loss(logits[:n], y_l, w[:n], source[:n]) + mse_consistency(logits[n:], p_u, w[n:]), stats
-        target = torch.cat([y_l, pseudo_labels(p_u, cfg.pseudo_lcc)])
-        return region_loss(logits, target, w, source), stats
+            return self.loss(logits[:n], y_l, w[:n], source[:n]) + mse_consistency(logits[n:], p_u, w[n:]), stats
+        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity)
+        stats["pseudo_fg"] = (plab > 0).float().mean()
+        return self.loss(logits, torch.cat([y_l, plab]), w, source), stats
 
     def bcp_step(self, x_l, y_l, x_u, t):
         """Bidirectional copy-paste: a labeled box into an unlabeled image and vice versa."""
         cfg = self.cfg
         h = x_l.shape[0] // 2
-        probs_t = self.teacher_probs(torch.cat([x_l, x_u]))
-        n = x_l.shape[0]
-        plab = pseudo_labels(probs_t[n:], cfg.pseudo_lcc)
-        u_t = entropy_map(probs_t)
-        u_l, u_u = u_t[:n], u_t[n:]
+        chunks = 2 if cfg.split_forward else 1
+        p_u = self.teacher_probs(x_u, chunks)
+        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity)
+        u_u = entropy_map(p_u)
+        # Without URL (or with the student's U) the labeled weights ignore the teacher's U,
+        # so the teacher skips the labeled images, as BCP's does.
+        u_l = (entropy_map(self.teacher_probs(x_l, chunks)) if cfg.url and cfg.uncertainty_source == "teacher"
+               else torch.zeros_like(u_u))
         m = box_mask(tuple(x_l.shape[2:]), cfg.paste_ratio, self.gen).to(x_l.device)
         # mix(a, b, m) keeps a outside the box and b inside it.
         x = torch.cat([mix(x_u[:h], x_l[:h], m), mix(x_l[h:], x_u[h:], m)])
@@ -209,13 +244,14 @@ class Loop:
         u = torch.cat([mix(u_u[:h], u_l[:h], m), mix(u_l[h:], u_u[h:], m)])
         ones = torch.ones_like(u[:h])
         source = torch.cat([mix(0 * ones, ones, m), mix(ones, 0 * ones, m)])
-        logits = self.forward(x)
+        logits = self.forward(x, chunks)
         if cfg.uncertainty_source == "student":
             u = entropy_map(torch.softmax(logits.detach(), 1))
         w, stats = self.weights(u, source, t)
-        # Two mixed batches, each its own mix loss as in BCP (one forward for both, DDP-safe).
-        loss = region_loss(logits[:h], target[:h], w[:h], source[:h]) + \
-            region_loss(logits[h:], target[h:], w[h:], source[h:])
+        stats["pseudo_fg"] = (plab > 0).float().mean()
+        # Two mixed batches, each its own mix loss as in BCP.
+        loss = self.loss(logits[:h], target[:h], w[:h], source[:h]) + \
+            self.loss(logits[h:], target[h:], w[h:], source[h:])
         return loss, stats
 
     # ---- the loop ----------------------------------------------------------------------
@@ -231,9 +267,9 @@ class Loop:
             t = self.step
             stage = "pretrain" if t < self.pretrain else "self"
             if t == self.pretrain and self.pretrain:
-                self.teacher.load_state_dict(self.core.state_dict())  # BCP: teacher starts from the pre-trained student
+                self.start_self_training()
             stage_t, stage_n = (t, self.pretrain) if stage == "pretrain" else (t - self.pretrain, cfg.iters)
-            lr = lr_at(cfg, stage_t, stage_n)
+            lr = lr_at(cfg, stage_t, stage_n, stage)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
 
@@ -253,7 +289,8 @@ class Loop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if stage == "self":
-                ema_update(self.teacher, self.core, decay_at(t - self.pretrain, cfg.ema_decay))
+                t_self = t - self.pretrain
+                ema_update(self.teacher, self.core, decay_at(t_self, cfg.ema_decay) if cfg.ema_warmup else cfg.ema_decay)
             self.step = t + 1
 
             for k, v in {"loss": loss.detach(), **stats}.items():
@@ -268,7 +305,7 @@ class Loop:
                 scalars.update(lr=lr, stage=stage, ramp=ramp(max(0, t - self.pretrain), cfg.rampup_iters),
                                it_per_s=self.step / max(time.time() - started, 1e-9))
                 self.reporter.log(self.step, scalars)
-            if self.step % cfg.eval_every == 0 or self.step == self.total:
+            if self.step % cfg.eval_every == 0 or self.step in (self.pretrain, self.total):
                 self.validate(stage)
 
         weights = self.best["weights"] or copy.deepcopy(self.core.state_dict())
@@ -280,15 +317,36 @@ class Loop:
         self.reporter.finish(metrics, weights)
         return metrics
 
+    def start_self_training(self) -> None:
+        """BCP: student and teacher start from the best pre-training checkpoint (ACDC: with
+        its optimizer state); `self_train_init=last` keeps the last pre-training iterate."""
+        cfg = self.cfg
+        if cfg.self_train_init == "best" and self.pre_best is not None:
+            self.core.load_state_dict(self.pre_best["weights"])
+            if cfg.self_train_optimizer == "keep":
+                self.optimizer.load_state_dict(self.pre_best["optimizer"])
+        if cfg.self_train_optimizer == "reset":
+            self.optimizer.state.clear()
+        self.teacher.load_state_dict(self.core.state_dict())
+
     def validate(self, stage: str) -> None:
-        cases = self.data.val
-        dice = validation_dice(self.core, cases, self.cfg, self.device)
-        # BCP keeps the best self-training checkpoint; pre-training checkpoints only inform.
+        scores = validation_scores(self.core, self.data.val, self.cfg, self.device)
+        dice = scores["dice"]
+        if stage == "pretrain" and (self.pre_best is None or dice > self.pre_best["dice"]):
+            self.pre_best = {"dice": dice, "step": self.step, "weights": copy.deepcopy(self.core.state_dict()),
+                             "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        # The best self-training checkpoint is the run's result; pre-training ones seed self-training.
         is_best = stage == "self" and dice > self.best["dice"]
         if is_best:
             self.best = {"dice": dice, "step": self.step, "weights": copy.deepcopy(self.core.state_dict())}
-        metrics = {"val_dice": dice, "best_val_dice": max(self.best["dice"], 0.0), "iteration": self.step}
+        metrics = {"val_dice": dice, "best_val_dice": max(self.best["dice"], 0.0), "iteration": self.step,
+                   "val_fg": scores["fg_pred"], "val_fg_true": scores["fg_true"]}
         self.reporter.checkpoint(self.step, metrics, self.state(), is_best)
+        best = max(self.best["dice"], self.pre_best["dice"] if self.pre_best else -1.0)
+        if stage == "self" and dice < 0.5 * best:
+            self.reporter.warn(self.step, f"val Dice {dice:.3f} is below half of its best {best:.3f}: "
+                               f"predicted foreground {scores['fg_pred']:.4f} of val pixels vs "
+                               f"{scores['fg_true']:.4f} true (a collapse towards background?)")
 
 
 def train(cfg: Config, reporter: Optional[Reporter] = None,

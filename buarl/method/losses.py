@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SMOOTH = 1e-5  # BCP's DiceLoss smoothing
+SMOOTH = 1e-10  # BCP's ACDC DiceLoss smoothing (config key `dice_smooth`)
 
 
-def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                   smooth: float = SMOOTH) -> torch.Tensor:
     """1 - Dice per class with a pixel mask, averaged over all classes (BCP's DiceLoss)."""
     c = probs.shape[1]
     onehot = F.one_hot(target, c).movedim(-1, 1).to(probs.dtype)
@@ -25,11 +26,11 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     inter = (probs * onehot * m).sum(dims)
     y = (onehot * onehot * m).sum(dims)
     z = (probs * probs * m).sum(dims)
-    return (1 - (2 * inter + SMOOTH) / (z + y + SMOOTH)).mean()
+    return (1 - (2 * inter + smooth) / (z + y + smooth)).mean()
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                source: torch.Tensor) -> torch.Tensor:
+                source: torch.Tensor, smooth: float = SMOOTH) -> torch.Tensor:
     """logits (B, C, ...), target (B, ...) long, weight and source (B, ...) float."""
     logits = logits.float()
     probs = torch.softmax(logits, 1)
@@ -41,7 +42,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
         area = region.sum().clamp(min=1.0)
         m = weight * region
         ce_r = (m * ce).sum() / area
-        dice_r = (m.sum() / area) * soft_dice_loss(probs, target, m)
+        dice_r = (m.sum() / area) * soft_dice_loss(probs, target, m, smooth)
         total = total + (ce_r + dice_r) / 2
     return total
 
