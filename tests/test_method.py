@@ -149,3 +149,26 @@ def test_pseudo_labels_keep_largest_component_per_class():
     blob = np.zeros((5, 5), bool)
     blob[0, 0] = blob[3:5, 3:5] = True
     assert largest_component(blob).sum() == 4
+
+
+def _largest_one_by_one(mask, connectivity):
+    """The reference semantics: label one mask alone, keep the most frequent non-zero id
+    (BCP's np.argmax(np.bincount(labels.flat)[1:]) + 1)."""
+    from scipy import ndimage
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if connectivity == "full" else 1)
+    labels, n = ndimage.label(mask, structure)
+    if n == 0:
+        return mask.astype(bool)
+    return labels == np.argmax(np.bincount(labels.flat)[1:]) + 1
+
+
+@pytest.mark.parametrize("shape", [(7, 16, 16), (3, 10, 9, 8)])
+@pytest.mark.parametrize("connectivity", ["full", "face"])
+def test_stacked_largest_components_equal_one_mask_at_a_time(shape, connectivity):
+    from buarl.method.pseudo import largest_components
+    rng = np.random.default_rng(0)
+    masks = rng.random(shape) < 0.45  # many components, ties included
+    masks[1] = False                   # an empty mask stays empty
+    got = largest_components(masks, connectivity)
+    for i in range(shape[0]):
+        assert np.array_equal(got[i], _largest_one_by_one(masks[i], connectivity)), i

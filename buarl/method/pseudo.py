@@ -6,17 +6,35 @@ import torch
 from scipy import ndimage
 
 
-def largest_component(mask: np.ndarray, connectivity: str = "full") -> np.ndarray:
-    """Keep the largest connected component of a binary mask (any dimension).
-
-    `full` counts diagonal neighbours (8 in 2-D, 26 in 3-D): skimage.measure.label's
+def _structure(ndim: int, connectivity: str) -> np.ndarray:
+    """`full` counts diagonal neighbours (8 in 2-D, 26 in 3-D): skimage.measure.label's
     default, which BCP's and UA-MT's clean-ups use; `face` is scipy's default (4 / 6)."""
-    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if connectivity == "full" else 1)
-    labels, n = ndimage.label(mask, structure)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(mask, labels, range(1, n + 1))
-    return (labels == 1 + int(np.argmax(sizes))).astype(mask.dtype)
+    return ndimage.generate_binary_structure(ndim, ndim if connectivity == "full" else 1)
+
+
+def largest_component(mask: np.ndarray, connectivity: str = "full") -> np.ndarray:
+    """Keep the largest connected component of a binary mask (any dimension)."""
+    return largest_components(mask[None], connectivity)[0].astype(mask.dtype)
+
+
+def largest_components(masks: np.ndarray, connectivity: str = "full") -> np.ndarray:
+    """The largest connected component of each mask of a stack (N, ...), in one labelling
+    pass: the structure never connects neighbouring masks, and scipy numbers components in
+    raster order, so mask i owns a contiguous block of ids and ties go to the first
+    component, as BCP's argmax over its per-image bincount."""
+    spatial = _structure(masks.ndim - 1, connectivity)
+    structure = np.zeros((3,) + spatial.shape, bool)
+    structure[1] = spatial
+    ids, _ = ndimage.label(masks, structure)
+    flat = ids.reshape(len(ids), -1)
+    sizes = np.bincount(flat.ravel())
+    sizes[0] = 0
+    last = flat.max(1)
+    first = np.concatenate([[1], np.maximum.accumulate(last)[:-1] + 1])
+    keep = np.zeros(len(ids), np.int64)  # 0: an empty mask stays empty
+    for i in np.flatnonzero(last):
+        keep[i] = first[i] + int(np.argmax(sizes[first[i]:last[i] + 1]))
+    return (ids == keep.reshape((-1,) + (1,) * (ids.ndim - 1))) & (ids > 0)
 
 
 def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full") -> torch.Tensor:
@@ -26,8 +44,10 @@ def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full") ->
     if not lcc:
         return labels
     arr = labels.cpu().numpy()
+    classes = probs.shape[1]
+    masks = np.stack([arr == c for c in range(1, classes)], axis=1)  # (B, C-1, ...)
+    keep = largest_components(masks.reshape((-1,) + arr.shape[1:]), connectivity).reshape(masks.shape)
     out = np.zeros_like(arr)
-    for b in range(arr.shape[0]):
-        for c in range(1, probs.shape[1]):
-            out[b][largest_component(arr[b] == c, connectivity)] = c
+    for c in range(1, classes):
+        out[keep[:, c - 1]] = c
     return torch.from_numpy(out).to(labels.device)
