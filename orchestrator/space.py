@@ -250,6 +250,10 @@ def describe(plan: Plan) -> str:
               f"  metric: {s.metric} ({s.mode})" + (f", ASHA grace {s.scheduler.grace_period}" if s.scheduler else ""),
               f"  resources: {r.workers} worker(s) x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU per trial; "
               f"{plan.at_once} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker"]
+    if 0 < r.gpus_per_worker < 1:
+        lines.append(f"  GPU packing: {int(1 / r.gpus_per_worker)} trial(s) share each GPU "
+                     f"({r.gpus_per_worker:g} GPU per worker); --max-concurrent up to "
+                     f"{int(1 / r.gpus_per_worker)} x the number of GPUs keeps them all busy")
     if plan.max_concurrent > plan.at_once:
         lines.append(f"  note: --max-concurrent {plan.max_concurrent} applies within a grid point, which has "
                      f"{plan.trials_per_point} trial(s), and grid points run one after another; to run grid "

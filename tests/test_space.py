@@ -118,3 +118,12 @@ def test_selection_that_leaves_nothing_exits_2(capsys):
     assert "leave no grid point" in err and "labeled=3_seed=1337" in err
     assert main(["--space", "thresholds", "--threads", "0", "--dry-run"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_paper_spaces_pack_four_trials_per_gpu(capsys):
+    for name in ("paper_acdc", "paper_la"):
+        assert main(["--space", name, "--dry-run"]) == 0, name
+        out = capsys.readouterr().out
+        assert "0.25 GPU per trial" in out and "GPU packing: 4 trial(s) share each GPU" in out, name
+    assert main(["--space", "thresholds", "--dry-run"]) == 0
+    assert "GPU packing" not in capsys.readouterr().out
