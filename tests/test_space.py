@@ -32,7 +32,7 @@ def test_shipped_spaces_plan(capsys):
     for name in ("thresholds", "ema", "loss_weights", "ablation", "paper_acdc", "paper_la", "phantom_tiny"):
         assert main(["--space", name, "--dry-run"]) == 0, name
     out = capsys.readouterr().out
-    assert "grid points (14), one trial each (no search)" in out  # ablation: 7 switches x 2 seeds
+    assert "grid points (21), one trial each (no search)" in out  # ablation: 7 switches x 3 seeds
 
 
 def test_one_study_per_label_ratio(tmp_path):
