@@ -99,7 +99,7 @@ def test_only_and_skip_select_grid_points(capsys):
     # the default: all cores shared by the trials that run at once; a grid point of one trial
     # runs alone (grid points run one after another), so it gets them all
     plan, _ = prepare(parser().parse_args(["--space", "ablation", "--max-concurrent", "2"]))
-    assert len(plan.points) == 14 and plan.at_once == 1 and plan.threads_per_worker == (os.cpu_count() or 1)
+    assert len(plan.points) == 21 and plan.at_once == 1 and plan.threads_per_worker == (os.cpu_count() or 1)
     plan, _ = prepare(parser().parse_args(["--space", "thresholds", "--max-concurrent", "2"]))
     assert plan.at_once == 2 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
 
@@ -108,7 +108,7 @@ def test_plan_counts_iterations_per_base_and_says_when_concurrency_cannot_apply(
     # acdc_cpu: pretrain 500 + 1000 iterations for bcp; supervised and mt have no pre-training
     assert main(["--space", "ablation", "--data-root", str(ROOT), "--max-concurrent", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "iteration budget: 1000-1500 per trial, " + str(2 * (4 * 1500 + 3 * 1000)) + " in total" in out
+    assert "iteration budget: 1000-1500 per trial, " + str(3 * (4 * 1500 + 3 * 1000)) + " in total" in out
     assert "1 trial(s) at once" in out and "--max-concurrent 2 applies within a grid point" in out
 
 
