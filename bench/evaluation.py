@@ -20,7 +20,8 @@ from medpy import metric
 
 from buarl.checkpoint import config_of, load_into, read
 from buarl.data import load_benchmark
-from buarl.evaluate import CLASS_NAMES, METRICS, evaluate, predict
+from buarl.evaluate import CLASS_NAMES, METRICS, evaluate
+from buarl.inference import predict
 from buarl.nets import build
 from buarl.runtime import to_device
 

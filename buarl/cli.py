@@ -1,4 +1,4 @@
-"""`buarl phantom | train | evaluate`: one run without Ray.
+"""`buarl phantom | train | evaluate | export | predict`: one run without Ray, and its use.
 
 User errors (config, data, checkpoint) print one line on stderr and exit with code 2.
 """
@@ -95,6 +95,86 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from buarl.model_folder import write_model
+
+    if args.run:
+        from buarl.checkpoint import config_of, read
+        run = Path(args.run)
+        if not (run / "best.pt").is_file():
+            raise ConfigError(f"--run {run}: no best.pt (expected a finished `buarl train` folder)")
+        obj = read(run / "best.pt")
+        cfg = config_of(obj, run / "best.pt")
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+        info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+        origin = {"source": f"`buarl train` folder `{run.resolve()}`", "command": f"`{info.get('command', '')}`",
+                  "code version": info.get("code_version"), "code digest": info.get("buarl_digest")}
+        out = write_model(Path(args.out), obj["weights"], cfg, metrics, origin, overwrite=args.overwrite)
+    else:
+        try:
+            from orchestrator.export import export_best  # the sweep side: MLflow lives there
+        except ImportError as e:
+            raise ConfigError(f"buarl export --experiment needs the orchestrator extras "
+                              f"(pip install -e '.[orchestrator]'): {e}") from None
+        out = export_best(args.experiment, args.grid_point, args.tracking_uri, Path(args.out), args.overwrite)
+    print(f"exported a model folder to {out} (model.pt, config.yaml, README.md)")
+    return 0
+
+
+def _predict(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from buarl.inference import predict_volume
+    from buarl.model_folder import load_model
+    from buarl.volume_io import SUFFIXES, InputError, outputs_for, read_scan, write_prediction
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    model, cfg = load_model(Path(args.model), args.device)
+    inputs: list[Path] = []
+    for given in map(Path, args.input):
+        if given.is_dir():
+            inputs += sorted(p for p in given.iterdir() if p.name.lower().endswith(SUFFIXES))
+        else:
+            inputs.append(given)
+    if not inputs:
+        raise ConfigError(f"--input {' '.join(args.input)}: no scans found ({', '.join(SUFFIXES)})")
+    out = Path(args.out)
+    planned: dict[Path, Path] = {}
+    for path in inputs:
+        try:
+            targets = outputs_for(path, out, args.uncertainty)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+        for target in targets:
+            if target in planned:
+                raise ConfigError(f"--input: {path} and {planned[target]} would both write {target}")
+            planned[target] = path
+    existing = [t for t in planned if t.exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(f"--out {out}: {existing[0]} exists ({len(existing)} of the outputs do); "
+                          "pass --overwrite or choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    written, skipped = 0, []
+    bar = tqdm(inputs, unit="scan", disable=None, file=sys.stderr)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        try:
+            scan = read_scan(path, cfg.dataset, cfg.patch_size)
+        except InputError as e:
+            skipped.append(path)
+            tqdm.write(f"buarl: skipped {e}", file=sys.stderr)
+            continue
+        result = predict_volume(model, scan.image, cfg, torch.device(args.device), uncertainty=args.uncertainty)
+        labels, entropy = result if args.uncertainty else (result, None)
+        write_prediction(scan, labels, entropy, out, cfg.dataset)
+        written += 1
+    print(f"segmented {written} of {len(inputs)} scan(s) into {out}"
+          + (f"; skipped {len(skipped)}: {', '.join(str(p) for p in skipped)}" if skipped else ""))
+    return 2 if skipped else 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -128,6 +208,26 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--empty-policy", choices=["reference", "strict"], default=None,
                     help="scoring of a missed class (default: the checkpoint config's)")
     ev.set_defaults(fn=_evaluate)
+
+    ex = sub.add_parser("export", help="a model folder (weights, config, model card) from a run or a sweep's best trial")
+    src = ex.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a finished `buarl train` folder")
+    src.add_argument("--experiment", help="an MLflow experiment (a sweep's space name): its best FINISHED trial by "
+                                          "validation, never by test")
+    ex.add_argument("--grid-point", default="*", metavar="GLOB", help="only trials of matching grid points (--experiment)")
+    ex.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
+    ex.add_argument("--out", required=True, help="the model folder to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace the files of an existing model folder")
+    ex.set_defaults(fn=_export)
+
+    pr = sub.add_parser("predict", help="segment new scans (NIfTI, benchmark h5, .npy) with an exported model")
+    pr.add_argument("--model", required=True, help="a model folder from `buarl export`")
+    pr.add_argument("--input", required=True, nargs="+", help="scan files or folders of them")
+    pr.add_argument("--out", required=True, help="folder for the label maps (same format, shape, affine as each input)")
+    pr.add_argument("--uncertainty", action="store_true", help="also write the normalised entropy map of each scan")
+    pr.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    pr.set_defaults(fn=_predict)
     return p
 
 

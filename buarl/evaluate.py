@@ -1,8 +1,5 @@
-"""The reference evaluation protocols and metrics (medpy dc, jc, hd95, asd).
-
-ACDC: each slice zoomed to the training size, predicted, zoomed back (order 0); per class
-1..3, mean over volumes, then over classes. LA: sliding window (UA-MT), foreground where
-its probability > 0.5, optional largest connected component.
+"""The reference evaluation protocols' metrics (medpy dc, jc, hd95, asd) on the volume
+predictions of `buarl.inference`: per class 1..3, mean over volumes, then over classes.
 Empty predictions never crash: the reference policy scores a missed class (0, 0, 0, 0)
 as BCP does, the strict policy gives it the image diagonal as distance; both count it.
 """
@@ -18,14 +15,11 @@ import numpy as np
 import torch
 from medpy import metric
 from medpy.metric.binary import __surface_distances as surface_distances  # noqa: the one medpy helper hd95 and asd share
-from scipy import ndimage
 from torch import nn
 
 from buarl.config import Config
-from buarl.data.acdc import to_size
 from buarl.data.types import Case
-from buarl.method.pseudo import largest_component
-from buarl.runtime import autocast, memory_format
+from buarl.inference import predict
 
 CLASS_NAMES = {"acdc": ["RV", "Myo", "LV"], "la": ["LA"]}
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -59,56 +53,6 @@ def dice_only(pred: np.ndarray, gt: np.ndarray) -> float:
     inter = np.count_nonzero(pred & gt)
     total = np.count_nonzero(pred) + np.count_nonzero(gt)
     return 2.0 * inter / total if total else 0.0
-
-
-@torch.no_grad()
-def predict_acdc(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device) -> np.ndarray:
-    x = torch.from_numpy(to_size(image, cfg.image_size))[:, None].to(device)
-    x = x.contiguous(memory_format=memory_format(cfg, 2))
-    with autocast(cfg, device):
-        pred = model(x).argmax(1).cpu().numpy().astype(np.uint8)
-    h, w = image.shape[-2:]
-    return np.stack([ndimage.zoom(p, (h / p.shape[0], w / p.shape[1]), order=0) for p in pred])
-
-
-def _windows(size: int, patch: int, stride: int) -> list[int]:
-    n = max(1, math.ceil((size - patch) / stride) + 1)
-    return sorted({min(stride * i, size - patch) for i in range(n)})
-
-
-@torch.no_grad()
-def predict_la(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
-               batch: int = 4) -> np.ndarray:
-    """UA-MT sliding window: average softmax over windows, foreground probability > 0.5."""
-    patch = cfg.patch_size
-    pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for s, p in zip(image.shape, patch)]
-    padded = np.pad(image, pad)
-    score = np.zeros((2,) + padded.shape, np.float32)
-    count = np.zeros(padded.shape, np.float32)
-    starts = [(x, y, z) for x in _windows(padded.shape[0], patch[0], cfg.la_stride_xy)
-              for y in _windows(padded.shape[1], patch[1], cfg.la_stride_xy)
-              for z in _windows(padded.shape[2], patch[2], cfg.la_stride_z)]
-    for i in range(0, len(starts), batch):
-        chunk = starts[i:i + batch]
-        sl = [tuple(slice(a, a + p) for a, p in zip(s, patch)) for s in chunk]
-        x = torch.from_numpy(np.stack([padded[s] for s in sl]))[:, None].to(device)
-        x = x.contiguous(memory_format=memory_format(cfg, 3))
-        with autocast(cfg, device):
-            probs = torch.softmax(model(x).float(), 1).cpu().numpy()
-        for s, p in zip(sl, probs):
-            score[(slice(None),) + s] += p
-            count[s] += 1
-    fg = score[1] / count > 0.5
-    crop = tuple(slice(a, fg.shape[k] - b) for k, (a, b) in enumerate(pad))
-    pred = fg[crop].astype(np.uint8)
-    if cfg.la_lcc:
-        pred = largest_component(pred)
-    return pred
-
-
-def predict(model: nn.Module, case: Case, cfg: Config, device: torch.device) -> np.ndarray:
-    fn = predict_acdc if cfg.dataset == "acdc" else predict_la
-    return fn(model, case.image, cfg, device)
 
 
 def validation_scores(model: nn.Module, cases: Iterable[Case], cfg: Config, device: torch.device) -> dict:

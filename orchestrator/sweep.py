@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     exp_id = experiment(client, plan.space.name, tracking_uri)
     parent = parent_run(client, exp_id, sweep, args.resume,
                         {"space": plan.space_file, "data_root": plan.base.get("data_root"), "storage": storage,
-                         "command": " ".join(sys.argv), **{f"fixed.{k}": v for k, v in plan.space.fixed.items()}})
+                         "command": " ".join(sys.argv), "metric": plan.space.metric, "mode": plan.space.mode,
+                         **{f"fixed.{k}": v for k, v in plan.space.fixed.items()}})
     if args.resume:
         n = mark_orphans(client, exp_id, parent)
         if n:

@@ -11,33 +11,20 @@ trial ended can leave that trial unfinished in the saved state, and `--resume` r
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ray.tune import Callback
 
 from buarl.errors import BuarlError
-
-SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<cred>[^/@\s]+)@", re.I)
-SECRET_QUERY = re.compile(r"(?i)((?:access_key|secret_key|secret|token|password|aws_secret_access_key|"
-                          r"aws_access_key_id|sig|signature)=)[^&\s]+")
-TAG_TRIAL = "buarl.trial_id"
-TAG_SWEEP = "buarl.sweep"
-TAG_POINT = "buarl.grid_point"
-TAG_DIGEST = "buarl.code_digest"
+from orchestrator.names import TAG_DIGEST, TAG_POINT, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
+from orchestrator.redaction import redact  # noqa: F401 (re-exported)
 
 
 class StorageError(BuarlError):
     pass
-
-
-def redact(text: Any) -> str:
-    """Credentials never reach logs, params or artifacts: `s3://KEY:SECRET@b` -> `s3://***@b`."""
-    text = SECRET.sub(lambda m: f"{m.group('scheme')}***@", str(text))
-    return SECRET_QUERY.sub(r"\1***", text)
 
 
 def default_tracking_uri() -> str:
@@ -130,6 +117,29 @@ def copy_checkpoint(path: str, dest: Path) -> Path:
     return dest
 
 
+def log_pytorch_model(client, run_id: str, best: Path, tmp: Path) -> None:
+    """The trial's best weights in MLflow's own model format (artifact `model`), so that
+    `mlflow models` tooling and the UI's model view work. pt2 (torch.export) rather than
+    pickle: loading it runs no pickled code. A failure here costs the trial nothing."""
+    import mlflow.pytorch
+    import numpy as np
+
+    from buarl.checkpoint import config_of, read
+    from buarl.nets import build
+    try:
+        obj = read(best)
+        cfg = config_of(obj, best)
+        model = build(cfg.dataset, cfg.num_classes)
+        model.load_state_dict(obj["weights"])
+        size = [cfg.image_size] * 2 if cfg.dataset == "acdc" else cfg.patch_size
+        mlflow.pytorch.save_model(model.eval(), str(tmp), serialization_format="pt2", pip_requirements=["torch"],
+                                  input_example=np.zeros([2, 1, *size], np.float32))  # batch 2: not fixed to 1
+        client.log_artifacts(run_id, str(tmp), artifact_path="model")
+    except Exception as e:  # the run keeps best.pt; say why the MLflow model is missing
+        print(f"WARNING: run {run_id}: MLflow model not logged ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+              flush=True)
+
+
 class MlflowTrials(Callback):
     """Driver-side Tune callback: a child run per trial with params, curves and artifacts."""
 
@@ -208,6 +218,8 @@ class MlflowTrials(Callback):
                 for name in ("config.yaml", "metrics.json", "best.pt", "regions.png"):
                     if (folder / name).exists():
                         self.client.log_artifact(run_id, str(folder / name))
+                if (folder / "best.pt").exists():
+                    log_pytorch_model(self.client, run_id, folder / "best.pt", Path(tmp) / "mlflow_model")
         diverged = bool(last.get("diverged"))
         if diverged:
             self.client.set_tag(run_id, "buarl.status", "diverged")

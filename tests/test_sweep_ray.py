@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT, free_port
@@ -71,7 +72,12 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = children.iloc[0]["run_id"]
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "best.pt", "metrics.json", "regions.png"} <= names
+    assert {"config.yaml", "best.pt", "metrics.json", "regions.png", "model"} <= names
+    # the trial's model in MLflow's own format loads back and segments
+    import mlflow.pytorch
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4, 64, 64)
+    assert {m.path for m in client.list_artifacts(run_id, "model")} >= {"model/MLmodel"}
     history = client.get_metric_history(run_id, "val_dice")
     assert [m.step for m in history][:2] == [4, 8]
 

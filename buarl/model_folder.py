@@ -1,0 +1,110 @@
+"""An exported model: one folder that plain PyTorch can load (no Ray, no MLflow).
+
+    DIR/model.pt     {"format": "buarl-model-v1", "weights": state_dict} (weights_only loadable)
+    DIR/config.yaml  the run's fully resolved config (network, input size, protocol)
+    DIR/README.md    the model card: data, protocol, label ratio, val and test metrics,
+                     where it came from (command, code version, MLflow run)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from buarl.checkpoint import save_atomic
+from buarl.config import Config, validate
+from buarl.errors import BuarlError, ConfigError
+
+FORMAT = "buarl-model-v1"
+FILES = ("model.pt", "config.yaml", "README.md")
+
+
+class ModelFolderError(BuarlError):
+    pass
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def model_card(cfg: Config, metrics: Optional[dict], origin: dict[str, Any]) -> str:
+    m = metrics or {}
+    size = f"{cfg.image_size}x{cfg.image_size} slices" if cfg.dataset == "acdc" else f"patch {cfg.patch_size}"
+    method = {"supervised": "supervised (labeled data only)", "mt": "mean teacher", "bcp": "BCP"}[cfg.base]
+    if cfg.base != "supervised" and (cfg.url or cfg.crl):
+        method += " + " + " + ".join(n for n, on in (("URL", cfg.url), ("CRL", cfg.crl)) if on)
+    lines = [f"# buarl model: {cfg.dataset.upper()}, {method}", "",
+             "| | |", "|---|---|",
+             f"| data | {cfg.dataset.upper()} at `{cfg.data_root}` |",
+             f"| label ratio | {cfg.labeled} labeled {'patients' if cfg.dataset == 'acdc' else 'scans'} |",
+             f"| protocol | {size}, batch {cfg.batch_size} ({cfg.labeled_bs} labeled), "
+             f"{cfg.pretrain_iters if cfg.base == 'bcp' else 0} pre-training + {cfg.iters} iterations, seed {cfg.seed} |",
+             f"| method switches | base={cfg.base} url={cfg.url} crl={cfg.crl} tau_l={cfg.tau_l} tau_u={cfg.tau_u} "
+             f"lambda_url={cfg.lambda_url} lambda_crl={cfg.lambda_crl} ema_decay={cfg.ema_decay} |",
+             f"| model selection | best validation Dice {_fmt(m.get('best_val_dice', 'n/a'))} "
+             f"at iteration {m.get('best_step', 'n/a')} |",
+             f"| test (not used for selection) | Dice {_fmt(m.get('dice', 'n/a'))}, Jaccard {_fmt(m.get('jaccard', 'n/a'))}, "
+             f"95HD {_fmt(m.get('hd95', 'n/a'), 2)}, ASD {_fmt(m.get('asd', 'n/a'), 2)}, empty predictions "
+             f"{m.get('empty_predictions', 'n/a')} of {m.get('structures', 'n/a')} structures |"]
+    lines += [f"| {k} | {v} |" for k, v in origin.items() if v not in (None, "")]
+    lines += ["", "Segment new scans:", "", "```", "buarl predict --model THIS_FOLDER --input scan.nii.gz --out predictions/",
+              "```", "", "Load with plain PyTorch:", "", "```",
+              "from buarl.model_folder import load_model",
+              "model, cfg = load_model('THIS_FOLDER')", "```", ""]
+    return "\n".join(lines)
+
+
+def write_model(out: Path, weights: dict, cfg: Config, metrics: Optional[dict], origin: dict[str, Any],
+                overwrite: bool = False) -> Path:
+    out = Path(out)
+    taken = [f for f in FILES if (out / f).exists()]
+    if taken and not overwrite:
+        raise ConfigError(f"--out {out}: already holds {', '.join(taken)}; pass --overwrite or choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_atomic({"format": FORMAT, "weights": weights}, out / "model.pt")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    (out / "README.md").write_text(model_card(cfg, metrics, origin))
+    if metrics:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return out
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
+    """The network in eval mode on `device` and its config; a wrong folder is one clear error."""
+    from buarl.nets import build
+    from buarl.runtime import to_device
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"--model {folder}: no such folder")
+    missing = [f for f in ("model.pt", "config.yaml") if not (folder / f).is_file()]
+    if missing:
+        hint = " (a `buarl train` run folder? export it first: buarl export --run RUN --out DIR)" \
+            if (folder / "best.pt").exists() else ""
+        raise ModelFolderError(f"--model {folder}: not a buarl model folder, {' and '.join(missing)} missing{hint}")
+    try:
+        cfg = validate(yaml.safe_load((folder / "config.yaml").read_text()) or {}, source=f"{folder / 'config.yaml'}")
+    except yaml.YAMLError as e:
+        raise ModelFolderError(f"{folder / 'config.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except ConfigError as e:
+        raise ModelFolderError(str(e)) from None
+    try:
+        obj = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFolderError(f"{folder / 'model.pt'}: not readable ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ModelFolderError(f"{folder / 'model.pt'}: not a buarl model (expected format {FORMAT!r})")
+    model = build(cfg.dataset, cfg.num_classes)
+    try:
+        model.load_state_dict(obj["weights"])
+    except RuntimeError as e:
+        raise ModelFolderError(f"{folder / 'model.pt'}: weights do not fit the {cfg.dataset} network "
+                               f"({str(e).splitlines()[0][:160]})") from None
+    device = torch.device(device)
+    cfg = cfg.model_copy(update={"device": str(device)})
+    model = to_device(model, cfg, device, 2 if cfg.dataset == "acdc" else 3).eval()
+    return model, cfg

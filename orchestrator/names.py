@@ -1,0 +1,10 @@
+"""The names MLflow runs are found by, defined once for the sweep, the tables and export
+(importing this module imports neither Ray nor MLflow)."""
+TAG_ROLE = "buarl.role"              # "sweep" (the parent run) or "trial"
+TAG_TRIAL = "buarl.trial_id"
+TAG_SWEEP = "buarl.sweep"
+TAG_POINT = "buarl.grid_point"
+TAG_DIGEST = "buarl.code_digest"
+TAG_VERSION = "buarl.code_version"
+PARENT = "mlflow.parentRunId"
+VAL_METRICS = ("best_val_dice", "val_dice")  # what a sweep may select by; test metrics never
