@@ -63,7 +63,12 @@ def _train(args) -> int:
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     print(f"run folder {out} (config.yaml, run.json, train.log, best.pt, metrics.json)")
     started = time.time()
-    metrics = train(cfg, LocalReporter(cfg, out))
+    try:
+        metrics = train(cfg, LocalReporter(cfg, out))
+    except BaseException as e:  # the run folder says why it ended, not only the terminal
+        with (out / "train.log").open("a") as log:
+            log.write(f"ERROR: run ended with {type(e).__name__}: {e}\n")
+        raise
     summary = {k: metrics[k] for k in ("dice", "jaccard", "hd95", "asd", "empty_predictions",
                                        "best_val_dice", "best_step")}
     print(json.dumps({"wall_seconds": round(time.time() - started, 1), **summary}, indent=2))
@@ -89,9 +94,19 @@ def _evaluate(args) -> int:
     data = load_benchmark(cfg)
     cases = data.val if args.split == "val" else data.test
     metrics = evaluate(model, cases, cfg, device, policy=args.empty_policy)
-    out = ckpt.with_name(f"evaluate_{args.split}_{metrics['empty_policy']}.json")
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(f"{ckpt} on {args.split} ({metrics['cases']} cases, empty policy {metrics['empty_policy']}):")
+    print(f"  Dice {100 * metrics['dice']:.2f} %  Jaccard {100 * metrics['jaccard']:.2f} %  "
+          f"95HD {metrics['hd95']:.2f}  ASD {metrics['asd']:.2f}  "
+          f"empty predictions {metrics['empty_predictions']} of {metrics['structures']}")
+    for name, m in metrics["per_class"].items():
+        print(f"  {name:>4}: Dice {100 * m['dice']:.2f} %  95HD {m['hd95']:.2f}  ASD {m['asd']:.2f}")
+    if args.out:
+        print(f"  all metrics (per case too): {args.out}")
     return 0
 
 
@@ -207,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["val", "test"], default="test")
     ev.add_argument("--empty-policy", choices=["reference", "strict"], default=None,
                     help="scoring of a missed class (default: the checkpoint config's)")
+    ev.add_argument("--out", help="also write every metric (per class, per case) to this JSON file")
+    ev.add_argument("--json", action="store_true", help="print the full metrics as JSON instead of a summary")
     ev.set_defaults(fn=_evaluate)
 
     ex = sub.add_parser("export", help="a model folder (weights, config, model card) from a run or a sweep's best trial")

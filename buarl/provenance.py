@@ -11,6 +11,16 @@ import torch
 import buarl
 
 
+def git_commit() -> str | None:
+    """The full commit hash of the checkout the package runs from, if it is one."""
+    here = Path(buarl.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
 def code_version() -> str:
     """`git describe` of the checkout the package runs from, or the package version."""
     here = Path(buarl.__file__).resolve().parent

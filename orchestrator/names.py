@@ -8,3 +8,6 @@ TAG_DIGEST = "buarl.code_digest"
 TAG_VERSION = "buarl.code_version"
 PARENT = "mlflow.parentRunId"
 VAL_METRICS = ("best_val_dice", "val_dice")  # what a sweep may select by; test metrics never
+# metrics every trial reports at each evaluation, that a space may optimise
+# (train_* scalars are the last log window's means: the loop's `loss` arrives as train_loss)
+REPORTED_METRICS = ("best_val_dice", "val_dice", "train_loss")

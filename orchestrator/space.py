@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from buarl.config import Config, base_values, validate
+from orchestrator.names import REPORTED_METRICS
 from buarl.errors import BuarlError, ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -158,9 +159,9 @@ def _check_against_config(space: Space, path: Path) -> None:
         for key in sw:
             if key not in fields:
                 raise SpaceError(f"{path}: grid.switches[{i}].{key}: unknown parameter")
-    if space.metric not in {"best_val_dice", "val_dice", "loss"}:
-        raise SpaceError(f"{path}: metric: {space.metric!r} is not reported "
-                         "(use best_val_dice, val_dice or loss)")
+    if space.metric not in REPORTED_METRICS:
+        raise SpaceError(f"{path}: metric: {space.metric!r} is not a metric the trials report "
+                         f"(use {', '.join(REPORTED_METRICS)})")
 
 
 class GridPoint(BaseModel):

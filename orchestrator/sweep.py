@@ -94,8 +94,7 @@ def prepare(args) -> tuple[Plan, str]:
         raise SpaceError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     space, path = load_space(args.space)
     if args.set:
-        from buarl.config import parse_overrides
-        space = space.model_copy(update={"fixed": {**space.fixed, **parse_overrides(args.set)}})
+        space = with_fixed(space, path, args.set)
     data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     if data_root and not Path(data_root).is_dir():
         raise SpaceError(f"--data-root {args.data_root}: no such folder")
@@ -107,6 +106,29 @@ def prepare(args) -> tuple[Plan, str]:
     if problem:
         print(f"note: {problem}; this plan needs a cluster (--address)", file=sys.stderr)
     return select(plan, args), space.name if not args.name else args.name
+
+
+def with_fixed(space, path, pairs: list[str]):
+    """--set KEY=VALUE fixes a config key for every trial. A key the space searches or grids
+    over is refused: the search (or grid) would silently win over the value."""
+    from buarl.config import Config, base_values, parse_overrides, validate
+    from buarl.errors import ConfigError
+    overrides = parse_overrides(pairs)
+    grid_keys = {"labeled", "seed"} | {k for sw in space.grid.switches for k in sw}
+    for key in overrides:
+        if key not in Config.model_fields:
+            raise SpaceError(f"--set {key}: unknown parameter (not a buarl config key)")
+        if key in space.search:
+            raise SpaceError(f"--set {key}: {path} searches {key} (search.{key}); fix it by removing it from "
+                             "the space's search, or leave it out of --set")
+        if key in grid_keys:
+            raise SpaceError(f"--set {key}: {path} sets {key} per grid point (grid); use --only to pick grid "
+                             "points, or edit the grid")
+    try:
+        validate({**base_values(space.base_config), **space.fixed, **overrides}, source="--set")
+    except ConfigError as e:
+        raise SpaceError(str(e)) from None
+    return space.model_copy(update={"fixed": {**space.fixed, **overrides}})
 
 
 def select(plan: Plan, args) -> Plan:
@@ -122,6 +144,19 @@ def select(plan: Plan, args) -> Plan:
                          f"(its points: {names})")
     return plan.model_copy(update={"points": points,
                                    "threads_per_worker": args.threads or plan.threads_per_worker})
+
+
+def free_port(preferred: int = 5000) -> int:
+    """MLflow's default port if it is free on 127.0.0.1, else one the OS picks."""
+    import socket
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    return preferred
 
 
 def param_space(plan: Plan) -> dict:
@@ -211,7 +246,7 @@ def summarise(results: dict, plan: Plan, sweep: str, storage: str, tracking_uri:
         lines.append(f"  {name}: {plan.space.metric}={m.get(plan.space.metric, float('nan')):.4f}{test} {params}")
     lines += ["", f"Ray results:  {storage}/{sweep}",
               f"MLflow:       {tracking_uri}  (experiment '{plan.space.name}', parent run '{sweep}')",
-              f"Compare runs: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+              f"Compare runs: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {free_port()}",
               f"Tables:       buarl-tables --experiment {plan.space.name} --tracking-uri {tracking_uri}"]
     return "\n".join(lines), best_rows
 
@@ -292,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         n = mark_orphans(client, exp_id, parent)
         if n:
             print(f"marked {n} orphaned RUNNING trial run(s) KILLED (their trials resume into them)", flush=True)
-    from buarl.provenance import code_version
+    from buarl.provenance import code_version, git_commit
     client.set_tag(parent, "buarl.code_version", code_version())
+    commit = git_commit()
+    if commit:  # MLflow's own provenance tag: the UI links runs to the source revision
+        client.set_tag(parent, "mlflow.source.git.commit", commit)
     client.set_tag(parent, "buarl.code_digest", digest)
 
     started, results, status = time.time(), {}, "FINISHED"

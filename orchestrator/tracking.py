@@ -106,6 +106,17 @@ def _numeric(result: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
+def resolved_params(values: dict) -> dict:
+    """Every key of the trial's resolved config (defaults included), so that a search such
+    as `params.ema_decay = '0.99'` finds runs that never set it."""
+    from buarl.config import validate
+    from buarl.errors import ConfigError
+    try:
+        return validate(values, source="trial config").to_dict()
+    except ConfigError:  # the trial itself reports why; log what was given
+        return values
+
+
 def copy_checkpoint(path: str, dest: Path) -> Path:
     """The files of a Ray checkpoint path (local folder, NFS or a remote URI) in `dest`."""
     local = Path(path)
@@ -171,7 +182,7 @@ class MlflowTrials(Callback):
                 tags={"mlflow.parentRunId": self.parent_id, TAG_TRIAL: trial.trial_id,
                       TAG_SWEEP: self.sweep, TAG_POINT: self.point, "buarl.role": "trial"})
             run_id = run.info.run_id
-            params = {**self.base, **trial.config}
+            params = resolved_params({**self.base, **trial.config})
             from mlflow.entities import Param
             self.client.log_batch(run_id, params=[Param(k, redact(v)[:6000]) for k, v in sorted(params.items())])
         self.runs[trial.trial_id] = run_id

@@ -69,6 +69,7 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     ("grid: {labeled: [2]}\nnum_samples: 0\n", "num_samples"),
     ("grid: {labeled: [2]}\nresources: {workers: 64}\n", "one trial needs 64 CPUs"),
     ("grid: {labeled: [2]}\nfixed: {labeled_bs: 99}\n", "labeled_bs=99 is larger than batch_size"),
+    ("grid: {labeled: [2]}\nmetric: loss\nmode: min\n", "'loss' is not a metric the trials report (use best_val_dice, val_dice, train_loss)"),
     ("grid: [1, 2\n", "not valid YAML"),
     ("- just a list\n", "expected a mapping"),
 ])
@@ -127,3 +128,32 @@ def test_paper_spaces_pack_four_trials_per_gpu(capsys):
         assert "0.25 GPU per trial" in out and "GPU packing: 4 trial(s) share each GPU" in out, name
     assert main(["--space", "thresholds", "--dry-run"]) == 0
     assert "GPU packing" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pair, fragment", [
+    ("tau_l=2", "--set tau_l: search_spaces/thresholds.yaml searches tau_l"),
+    ("labeled=5", "--set labeled: search_spaces/thresholds.yaml sets labeled per grid point"),
+    ("ema_decay=2", "key 'ema_decay': Input should be less than or equal to 1"),
+    ("tau_q=0.1", "--set tau_q: unknown parameter"),
+])
+def test_set_cannot_fight_the_search_or_grid(capsys, pair, fragment):
+    assert main(["--space", "thresholds", "--set", pair, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment.split("search_spaces/")[0] in err[0], err
+    assert fragment.split("search_spaces/thresholds.yaml")[-1] in err[0], err
+    assert main(["--space", "thresholds", "--set", "iters=10", "--dry-run"]) == 0
+    assert "iteration budget: 30 per trial" in capsys.readouterr().out
+
+
+def test_mlflow_ui_port_is_free(monkeypatch):
+    import socket
+    from orchestrator.sweep import free_port
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", 5000))
+        except OSError:
+            pass  # 5000 is taken already: free_port must avoid it either way
+        port = free_port()
+        assert port != 5000
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))

@@ -100,3 +100,10 @@ def test_source_digest_changes_with_any_source_file(tmp_path):
     assert source_digest(pkg) == first and len(first) == 12
     (pkg / "sub" / "c.yaml").write_text("k: 2\n")
     assert source_digest(pkg) != first
+
+
+def test_every_resolved_config_key_is_a_param(acdc_phantom):
+    from buarl.config import Config
+    from orchestrator.tracking import resolved_params
+    params = resolved_params({"dataset": "acdc", "data_root": str(acdc_phantom), "tau_l": 0.3})
+    assert set(params) == set(Config.model_fields) and params["ema_decay"] == 0.99 and params["tau_l"] == 0.3

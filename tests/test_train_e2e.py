@@ -38,11 +38,16 @@ def _check_run(out, dataset):
 
 def _evaluate_reproduces(out, capsys, metrics):
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(out / "best.pt")]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     for k in ("dice", "jaccard", "hd95", "asd", "empty_predictions"):
         assert printed[k] == pytest.approx(metrics[k], abs=1e-9), k
-    assert (out / "evaluate_test_reference.json").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("evaluate")) == []  # nothing beside the checkpoint
+    written = out.parent / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--out", str(written)]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert len(summary) <= 8 and f"Dice {100 * metrics['dice']:.2f} %" in summary[1]
+    assert json.loads(written.read_text())["dice"] == pytest.approx(metrics["dice"], abs=1e-9)
     assert (out / "metrics.json").exists()  # evaluation never overwrites the training metrics
 
 
@@ -174,3 +179,16 @@ def test_real_la_tiny(tmp_path):
                  "--set", "pretrain_iters=2", "iters=2", "eval_every=10", "val_cases=1", "test_cases=1",
                  "la_stride_xy=64", "la_stride_z=48"]) == 0
     assert _check_run(out, "la")["cases"] == 1
+
+
+def test_a_failed_run_writes_its_error_into_train_log(acdc_phantom, tmp_path, monkeypatch, capsys):
+    import buarl.train as train_module
+    from buarl.errors import TrainingDiverged
+
+    def diverge(cfg, reporter):
+        raise TrainingDiverged("loss became nan by iteration 3 (lr=0.03); lower the learning rate")
+    monkeypatch.setattr(train_module, "train", diverge)
+    out = tmp_path / "run"
+    assert main(["train", "--config", "phantom", "--data-root", str(acdc_phantom), "--out", str(out)]) == 3
+    assert (out / "train.log").read_text().splitlines()[-1] == \
+        "ERROR: run ended with TrainingDiverged: loss became nan by iteration 3 (lr=0.03); lower the learning rate"
