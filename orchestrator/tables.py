@@ -77,6 +77,32 @@ def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     return trials
 
 
+PAPER_PROTOCOLS = ("acdc", "la")  # the shipped configs that follow the published protocol
+
+
+def protocol_of(trials: pd.DataFrame) -> str:
+    """Which protocol the trials ran: `phantom` without a data root, else the shipped config
+    whose size, batch and schedule they match (acdc, acdc_cpu, la, la_cpu), else `custom`."""
+    from buarl.config import SHIPPED, base_values
+    roots = trials.get("params.data_root", pd.Series(dtype=object)).astype(str)
+    if roots.isin(["None", "nan", ""]).all():
+        return "phantom"
+    keys = ("image_size", "patch_size", "batch_size", "pretrain_iters", "iters")
+    found = set()
+    for _, row in trials.iterrows():
+        match = "custom"
+        for name in SHIPPED:
+            v = base_values(name)
+            if v.get("dataset") == row.get("params.dataset") and all(
+                    str(v[k]).replace(" ", "") == str(row.get(f"params.{k}", "")).replace(" ", "")
+                    for k in keys if k in v and (k != "image_size" or v["dataset"] == "acdc")
+                    and (k != "patch_size" or v["dataset"] == "la")):
+                match = name
+                break
+        found.add(match)
+    return found.pop() if len(found) == 1 else "mixed (" + ", ".join(sorted(found)) + ")"
+
+
 def best_per_seed(trials: pd.DataFrame, metric: str = "metrics.best_val_dice") -> pd.DataFrame:
     """A searched sweep has many trials per (method, labeled, seed): keep the best on validation."""
     order = trials.sort_values(metric, ascending=False, na_position="last")
@@ -86,6 +112,10 @@ def best_per_seed(trials: pd.DataFrame, metric: str = "metrics.best_val_dice") -
 def ratio_label(dataset: str, labeled: int) -> str:
     pct = RATIO.get(dataset, {}).get(labeled)
     return f"{labeled} {'patients' if dataset == 'acdc' else 'scans'}" + (f" ({pct})" if pct else "")
+
+
+def group_label(dataset: str, labeled: int, protocol: str) -> str:
+    return f"{ratio_label(dataset, labeled)}, {protocol}" if protocol else ratio_label(dataset, labeled)
 
 
 def empty_predictions(g: pd.DataFrame) -> float:
@@ -107,8 +137,10 @@ def missed_share(g: pd.DataFrame) -> float:
 DEGENERATE = 0.5
 
 
-def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(numbers, display): numbers has mean/std/n per method x labeled x metric."""
+def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,
+               protocol: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(numbers, display): numbers has mean/std/n per method x labeled x metric. The column
+    groups name the protocol; published numbers join only runs of the paper protocol."""
     rows = []
     for (method, labeled), g in chosen.groupby(["method", "labeled"]):
         row = {"method": method, "labeled": labeled, "dataset": g["dataset"].iloc[0], "n_seeds": len(g),
@@ -128,7 +160,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd
     for labeled in labels:
         part = numbers[numbers["labeled"] == labeled].set_index("method")
         for key, title, _, better in METRICS:
-            col = (ratio_label(dataset, labeled), title)
+            col = (group_label(dataset, labeled, protocol), title)
             flagged = part["missed_share_mean"] > DEGENERATE if better == "min" else pd.Series(False, part.index)
             means = part.loc[~flagged, f"{key}_mean"]
             best = means.max() if better == "max" else means.min()
@@ -142,7 +174,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd
             display[col] = pd.Series(cells)
     display.columns = pd.MultiIndex.from_tuples(display.columns)
     display = display.fillna("–")
-    if published is not None:
+    if published is not None and protocol in PAPER_PROTOCOLS:
         pub = published[(published["dataset"] == dataset) & (published["labeled"].isin(labels))]
         for method, g in pub.groupby("method", sort=False):
             name = f"{method} (published)"
@@ -151,7 +183,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None) -> tuple[pd
                 for key, title, _, _ in METRICS:
                     v = r.get(key)
                     if pd.notna(v) and str(v) != "":
-                        display.loc[name, (ratio_label(dataset, int(r["labeled"])), title)] = f"{float(v):.2f}"
+                        display.loc[name, (group_label(dataset, int(r["labeled"]), protocol), title)] = f"{float(v):.2f}"
     return numbers, display
 
 
@@ -267,9 +299,16 @@ def plots(trials: pd.DataFrame, out: Path) -> list[str]:
 
 
 def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, parents: list[dict],
-           files: list[str]) -> str:
+           files: list[str], protocol: str = "") -> str:
+    dataset = str(trials["dataset"].iloc[0]).upper()
+    data = f"{dataset} phantom (built-in, synthetic)" if protocol == "phantom" else \
+        f"{dataset} at `{trials['params.data_root'].iloc[0]}`"
+    published = ("published numbers (`results/reference/published.csv`) in their own rows"
+                 if protocol in PAPER_PROTOCOLS else
+                 f"no published numbers beside them: these runs follow `{protocol}`, not the paper's protocol")
     lines = [f"# Tables of experiment {' + '.join(f'`{e}`' for e in experiments)}", "",
              "Generated by `buarl-tables` from the MLflow runs; do not edit by hand.", "",
+             f"- data: {data}; protocol: `{protocol}`; {published}",
              f"- tracking store: `{tracking_uri}`",
              f"- trials counted: {len(trials)} FINISHED (one run per trial)"]
     for p in parents:
@@ -277,7 +316,7 @@ def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, pare
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), "",
               "Comparison: test metrics of the best-on-validation trial per (method, label ratio, "
               "seed), mean ± std over seeds; bold = best of our rows per column; rows marked "
-              "(published) are numbers from `results/reference/published.csv`, not ours. "
+              "(published), where shown, are numbers from `results/reference/published.csv`, not ours. "
               f"† = more than {DEGENERATE:.0%} of the present structures were predicted empty: the "
               "reference policy scores their 95HD / ASD as 0, so that mean is mostly placeholders; "
               "shown, never bolded. `empty preds` (ablation) = mean count of such misses.", ""]
@@ -293,7 +332,8 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     out.mkdir(parents=True, exist_ok=True)
     published = pd.read_csv(published_csv) if published_csv and Path(published_csv).is_file() else None
     chosen = best_per_seed(trials)
-    numbers, display = comparison(chosen, published)
+    protocol = protocol_of(trials)
+    numbers, display = comparison(chosen, published, protocol)
     files = []
     write_table(display, out, "comparison", index=True)
     numbers.to_csv(out / "comparison_numbers.csv", index=False)
@@ -312,7 +352,7 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
         sweeps = sweeps[sweeps["run_id"].isin(trials["tags.mlflow.parentRunId"])]
     parents = [{"name": r.get("tags.buarl.sweep"), "command": r.get("params.command"),
                 "code": r.get("tags.buarl.code_version")} for _, r in sweeps.iterrows()]
-    (out / "README.md").write_text(readme(experiments, tracking_uri, trials, parents, files))
+    (out / "README.md").write_text(readme(experiments, tracking_uri, trials, parents, files, protocol))
     return files
 
 
@@ -324,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default results/<experiment>)")
     p.add_argument("--published", default=str(PUBLISHED), help="published reference numbers (CSV)")
     args = p.parse_args(argv)
-    from orchestrator.tracking import default_tracking_uri
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"  # as the sweep's default
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         print(f"buarl-tables: error: no tracking database at {uri}", file=sys.stderr)
         return 2

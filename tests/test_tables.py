@@ -10,8 +10,11 @@ METHODS = {"Supervised": ("supervised", False, False), "BCP": ("bcp", False, Fal
            "BCP+URL": ("bcp", True, False), "BUARL": ("bcp", True, True)}
 
 
+PAPER = {"data_root": "/data/ACDC", "image_size": 256, "batch_size": 24, "pretrain_iters": 10000, "iters": 30000}
+
+
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, request):
     """A synthetic experiment: 4 methods x 2 seeds at labeled=3, plus a duplicated trial,
     an unfinished run and a searched trial that loses on validation."""
     from mlflow.tracking import MlflowClient
@@ -28,8 +31,9 @@ def store(tmp_path):
         base, url, crl = METHODS[method]
         run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": trial,
                                            "mlflow.parentRunId": parent}).info.run_id
+        protocol = getattr(request, "param", PAPER)
         for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": seed, "dataset": "acdc",
-                     "tau_l": tau, "rampup_iters": 100 * len(method)}.items():  # a per-method setting
+                     "tau_l": tau, "rampup_iters": 100 * len(method), **protocol}.items():  # a per-method setting
             client.log_param(run, k, v)
         for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
                      "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed,
@@ -167,3 +171,36 @@ def test_experiments_of_one_protocol_pool(store, tmp_path, capsys):
     assert "`abl` + `abl_more`" in (out / "README.md").read_text()
     assert main(["--experiment", "abl", "--experiment", "gone", "--tracking-uri", uri, "--out", str(out)]) == 2
     assert "experiment 'gone' not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("store, protocol, data", [
+    ({"data_root": None, "image_size": 64, "batch_size": 8, "pretrain_iters": 20, "iters": 60}, "phantom",
+     "ACDC phantom (built-in, synthetic)"),
+    ({"data_root": "/d/ACDC", "image_size": 128, "batch_size": 16, "pretrain_iters": 500, "iters": 1000}, "acdc_cpu",
+     "ACDC at `/d/ACDC`")], indirect=["store"])
+def test_tables_name_their_protocol_and_show_published_numbers_only_beside_the_papers(store, tmp_path, protocol, data):
+    uri, _ = store
+    out = tmp_path / "tables"
+    assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
+    md = (out / "comparison.md").read_text()
+    assert f"3 patients (5%), {protocol}" in md and "(published)" not in md and "87.59" not in md
+    readme = (out / "README.md").read_text()
+    assert f"data: {data}; protocol: `{protocol}`; no published numbers beside them" in readme
+
+
+def test_paper_protocol_tables_say_so(store, tmp_path):
+    uri, _ = store
+    assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(tmp_path / "t")]) == 0
+    assert "3 patients (5%), acdc" in (tmp_path / "t" / "comparison.md").read_text()
+    assert "protocol: `acdc`; published numbers" in (tmp_path / "t" / "README.md").read_text()
+
+
+def test_tables_and_export_never_import_ray(store, tmp_path):
+    import subprocess
+    import sys
+    uri, _ = store
+    code = ("import sys; from orchestrator.tables import main; import orchestrator.export; "
+            f"rc = main(['--experiment', 'abl', '--tracking-uri', {uri!r}, '--out', {str(tmp_path / 'o')!r}]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
