@@ -20,23 +20,46 @@ def fmt(scalars: dict) -> str:
 
 
 class LocalReporter(Reporter):
-    """Prints progress, appends it to OUT/train.log, keeps OUT/best.pt, writes OUT/metrics.json."""
+    """Prints progress, appends it to OUT/train.log, keeps OUT/best.pt, writes OUT/metrics.json.
+
+    On a terminal progress is one updating line (iteration/total, it/s, ETA, loss, last val
+    Dice) with evaluations printed above it; elsewhere (a log file, CI) a plain line per
+    log step that carries the same facts. train.log always gets the plain lines."""
 
     def __init__(self, cfg: Config, out: Path, stream: TextIO | None = None):
-        self.cfg, self.out, self.stream = cfg, Path(out), stream
+        self.cfg, self.out, self.stream = cfg, Path(out), stream or sys.stdout
         self.log_file = (self.out / "train.log").open("a")
         self.started = time.time()
+        self.total = cfg.iters + (cfg.pretrain_iters if cfg.base == "bcp" else 0)
+        self.last_val: float | None = None
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, file=self.stream, unit="it", dynamic_ncols=True, leave=True)
 
-    def _say(self, line: str) -> None:
+    def _say(self, line: str, console: bool = True) -> None:
         line = f"[{time.time() - self.started:7.1f}s] {line}"
-        print(line, file=self.stream or sys.stdout, flush=True)
+        if console:
+            if self.bar is not None:
+                self.bar.write(line, file=self.stream)
+            else:
+                print(line, file=self.stream, flush=True)
         self.log_file.write(line + "\n")
         self.log_file.flush()
 
     def log(self, step: int, scalars: dict) -> None:
-        self._say(f"it {step:>6} {fmt(scalars)}")
+        elapsed = time.time() - self.started
+        eta = (self.total - step) * elapsed / max(step, 1)
+        val = f" val_dice={self.last_val:.4f}" if self.last_val is not None else ""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"{scalars.get('stage', '')} loss={scalars['loss']:.4g}{val}", refresh=True)
+            self._say(f"it {step:>6} {fmt(scalars)}", console=False)
+        else:
+            self._say(f"it {step:>6}/{self.total} {fmt(scalars)}{val} eta={eta / 60:.1f}min")
 
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
+        self.last_val = metrics["val_dice"]
         mark = " (best, saved best.pt)" if is_best else ""
         self._say(f"it {step:>6} val_dice={metrics['val_dice']:.4f} val_fg={metrics['val_fg']:.4f}"
                   f" (true {metrics['val_fg_true']:.4f}){mark}")
@@ -50,6 +73,9 @@ class LocalReporter(Reporter):
         if not (self.out / "best.pt").exists():  # no validation improved: keep the final weights
             save_best(self.out / "best.pt", best_weights, self.cfg, metrics["iterations"], float("nan"))
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         self._say("test " + fmt({k: metrics[k] for k in ("dice", "jaccard", "hd95", "asd")})
                   + f" empty_predictions={metrics['empty_predictions']}/{metrics['structures']}")
         self.log_file.close()

@@ -57,7 +57,7 @@ def test_train_and_evaluate_acdc_phantom(acdc_phantom, tmp_path, capsys):
     assert main(["train", "--config", "phantom", "--data-root", str(acdc_phantom), "--out", str(out),
                  "--set", *TINY]) == 0
     log = (out / "train.log").read_text()
-    assert "val_dice=" in log and "it      5 loss=" in log
+    assert "val_dice=" in log and "it      5/10 loss=" in log and "eta=" in log
     _evaluate_reproduces(out, capsys, _check_run(out, "acdc"))
     # A second run into the same folder is refused rather than overwriting it.
     assert main(["train", "--config", "phantom", "--data-root", str(acdc_phantom), "--out", str(out)]) == 2
@@ -192,3 +192,25 @@ def test_a_failed_run_writes_its_error_into_train_log(acdc_phantom, tmp_path, mo
     assert main(["train", "--config", "phantom", "--data-root", str(acdc_phantom), "--out", str(out)]) == 3
     assert (out / "train.log").read_text().splitlines()[-1] == \
         "ERROR: run ended with TrainingDiverged: loss became nan by iteration 3 (lr=0.03); lower the learning rate"
+
+
+def test_progress_is_one_updating_line_on_a_terminal(tmp_path):
+    import io
+
+    from buarl.reporting import LocalReporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    cfg = load_config("phantom", {"pretrain_iters": 20, "iters": 60})
+    rep = LocalReporter(cfg, tmp_path, stream=term)
+    rep.log(10, {"loss": 0.5, "stage": "pretrain"})
+    rep.checkpoint(30, {"val_dice": 0.25, "val_fg": 0.1, "val_fg_true": 0.1}, {}, is_best=False)
+    rep.log(40, {"loss": 0.4, "stage": "self"})
+    shown = term.getvalue()
+    assert "40/80" in shown and "val_dice=0.25" in shown and "\r" in shown  # tqdm's line, redrawn
+    assert shown.count("it     30 val_dice=0.2500") == 1  # the evaluation printed once, above the bar
+    log = (tmp_path / "train.log").read_text().splitlines()
+    assert [ln.split("] ", 1)[1][:22] for ln in log] == ["it     10 loss=0.5 sta", "it     30 val_dice=0.2", "it     40 loss=0.4 sta"]
