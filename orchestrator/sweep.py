@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from buarl.errors import BuarlError  # noqa: E402
+from orchestrator.redaction import redact  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
 
@@ -131,6 +132,56 @@ def with_fixed(space, path, pairs: list[str]):
     return space.model_copy(update={"fixed": {**space.fixed, **overrides}})
 
 
+def space_digest(plan: Plan) -> str:
+    import hashlib
+    return hashlib.sha256(plan.space.model_dump_json().encode()).hexdigest()[:16]
+
+
+def check_sweep_state(folder: Path, sweep: str, plan: Plan, resume: bool) -> None:
+    """A new sweep never writes into another's results; --resume continues only this sweep's
+    own state (Tune unpickles what it finds there: the folder is trusted input)."""
+    if not resume:
+        if folder.exists():
+            raise SpaceError(f"sweep {sweep!r} already has results in {folder}: "
+                             f"add --resume to continue it, or --name NEW for a new sweep")
+        return
+    if not folder.is_dir():
+        raise SpaceError(f"--resume: {folder} does not exist: nothing to resume for sweep {sweep!r} "
+                         "(check --storage and --name, or drop --resume)")
+    state = folder / "buarl_sweep.json"
+    if state.is_file():
+        saved = json.loads(state.read_text())
+        if saved.get("name") != sweep or saved.get("space_digest") != space_digest(plan):
+            raise SpaceError(f"--resume: {folder} was started from another space (or as another sweep: "
+                             f"{saved.get('name')!r}); resume it with its own space, or start anew with --name NEW")
+
+
+def write_sweep_state(folder: Path, sweep: str, plan: Plan) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = folder / "buarl_sweep.json"
+    if not state.exists():
+        state.write_text(json.dumps({"name": sweep, "space_digest": space_digest(plan),
+                                     "space_file": plan.space_file}, indent=2) + "\n")
+
+
+def check_data(plan: Plan) -> None:
+    """The dataset checks of `buarl train`, once per distinct data setting of the grid,
+    before Ray starts: a broken file is one line naming it, not a sweep of failed trials."""
+    from buarl.config import validate
+    from buarl.data import load_benchmark
+    from orchestrator.space import Categorical
+    seen = set()
+    for point in plan.points:
+        values = {**plan.base, **point.values}
+        for key, dist in plan.space.search.items():
+            values.setdefault(key, dist.choices[0] if isinstance(dist, Categorical) else dist.low)
+        cfg = validate(values, source=f"grid point {point.name}")
+        key = (cfg.dataset, cfg.data_root, cfg.labeled, cfg.base == "supervised", cfg.val_cases, cfg.test_cases)
+        if key not in seen:
+            seen.add(key)
+            load_benchmark(cfg)
+
+
 def select(plan: Plan, args) -> Plan:
     """Apply --only / --skip / --threads: part of a grid, e.g. one seed per machine or sweep."""
     if args.threads is not None and args.threads < 1:
@@ -208,7 +259,7 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
                                 # a trial lost with its node restarts, and its Train run resumes by name
                                 failure_config=tune.FailureConfig(max_failures=s.max_failures))
     if resume and tune.Tuner.can_restore(path):
-        print(f"[{point.name}] resuming from {path}", flush=True)
+        print(f"[{point.name}] resuming from {redact(path)}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space(plan) or None)
     else:
@@ -262,18 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from orchestrator.tracking import (StorageError, default_tracking_uri, experiment, mark_orphans,
-                                       open_store, parent_run, redact)
-    tracking_uri = args.tracking_uri or default_tracking_uri()
-    storage = storage_dir(args)
-    try:
-        check_storage(storage)
-        if not args.resume and "://" not in storage and (Path(storage) / sweep).exists():
-            raise SpaceError(f"sweep {sweep!r} already has results in {Path(storage) / sweep}: "
-                             f"add --resume to continue it, or --name NEW for a new sweep")
-        client = open_store(tracking_uri)
-    except (StorageError, SpaceError) as e:
-        return _fail(str(e))
-
+                                       open_store, parent_run)
     if plan.phantom:
         from buarl.config import Config
         from buarl.data import resolve_root
@@ -281,6 +321,22 @@ def main(argv: list[str] | None = None) -> int:
         plan.base["data_root"] = str(root)
         print(f"no --data-root: running on the built-in phantom at {root}\n"
               f"  (point at real data with --data-root, e.g. --data-root ../shared/data/ACDC)", flush=True)
+    try:
+        check_data(plan)
+    except BuarlError as e:
+        return _fail(str(e))
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    storage = storage_dir(args)
+    try:
+        check_storage(storage)
+        if "://" not in storage:
+            check_sweep_state(Path(storage) / sweep, sweep, plan, args.resume)
+        client = open_store(tracking_uri)
+    except (StorageError, SpaceError) as e:
+        return _fail(str(e))
+
+    if "://" not in storage:
+        write_sweep_state(Path(storage) / sweep, sweep, plan)
 
     # The classic CLIReporter table (trimmed to the searched parameters and the metrics)
     # instead of the new engine's per-trial result dumps; worker logs stay in Ray's files.
@@ -343,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         status = "KILLED"
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
         return 130
+    except BaseException:
+        status = "FAILED"  # a grid point that raised leaves no FINISHED sweep behind
+        raise
     finally:
         client.set_terminated(parent, status=status)
     text, best = summarise(results, plan, sweep, redact(storage), redact(tracking_uri))

@@ -55,6 +55,12 @@ def test_redaction_of_credentials():
     assert redact("s3://AKIA123:s3cr3t@bucket/path") == "s3://***@bucket/path"
     assert redact("https://u:p@host/x?token=abc&x=1") == "https://***@host/x?token=***&x=1"
     assert redact("/plain/path") == "/plain/path"
+    # a password holding "@", API keys and signed-URL parameters, and a bucket path with "@" kept
+    assert redact("https://user:p@ss@host:5000/x") == "https://***@host:5000/x"
+    assert redact("http://mlflow:5000/?api_key=K3Y&apikey=K2&user=me") == "http://mlflow:5000/?api_key=***&apikey=***&user=me"
+    assert redact("s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=AKIA%2F&access_token=t") == \
+        "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***&access_token=***"
+    assert redact("s3://bucket/run@2/ckpt") == "s3://bucket/run@2/ckpt"
 
 
 def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys):
@@ -72,6 +78,43 @@ def test_unwritable_results_folder_fails_before_training(tmp_path, capsys):
                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert rc == 2 and "results folder is not writable" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def test_read_only_results_folder_is_caught_by_the_write_probe(tmp_path, capsys):
+    import os
+    if os.geteuid() == 0:
+        storage = "/proc/self/ray"  # root writes through permissions, not into procfs
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        storage = str(ro / "ray")
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert rc == 2 and "results folder is not writable" in capsys.readouterr().err
+
+
+def test_broken_dataset_is_refused_before_ray_starts(tmp_path, acdc_phantom, capsys):
+    import shutil
+    import sys as _sys
+    root = tmp_path / "ACDC"
+    shutil.copytree(acdc_phantom, root)
+    victim = sorted((root / "data" / "slices").glob("*.h5"))[-1]
+    victim.write_bytes(b"not hdf5")
+    rc = sweep_main(["--space", "phantom_tiny", "--data-root", str(root), "--storage", str(tmp_path / "ray"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(victim) in err[0] and "not a readable HDF5 file" in err[0], err
+    assert "ray" not in _sys.modules or not (tmp_path / "ray" / "phantom_tiny").exists()
+
+
+def test_resume_refuses_storage_without_this_sweeps_state(tmp_path, capsys):
+    args = ["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert sweep_main([*args, "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
+    (tmp_path / "ray" / "phantom_tiny" / "buarl_sweep.json").write_text('{"name": "phantom_tiny", "space_digest": "other"}')
+    assert sweep_main([*args, "--resume"]) == 2
+    assert "was started from another space" in capsys.readouterr().err
 
 
 def test_existing_sweep_is_not_overwritten(tmp_path, capsys):
