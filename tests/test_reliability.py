@@ -268,3 +268,48 @@ cluster.shutdown()
     history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(runs.iloc[0]["run_id"], "val_dice")
     steps = [m.step for m in history]
     assert sorted(set(steps)) == list(range(4, 45, 4)) and len(steps) - len(set(steps)) <= 1, steps
+
+
+def _sources():
+    return [p for d in ("buarl", "orchestrator", "bench") for p in (ROOT / d).rglob("*.py")]
+
+
+def test_security_settings_hold_in_every_source_file():
+    """Guards for settings that hold by construction: a new call site that breaks one fails here."""
+    import ast
+    loads, yaml_calls, hosts = [], [], []
+    for path in _sources():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            kw = {k.arg: k.value for k in node.keywords}
+            if owner == "torch" and node.func.attr == "load":
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                loads.append((path.name, node.lineno, ok))
+            if owner == "yaml" and node.func.attr in ("load", "unsafe_load", "full_load", "load_all"):
+                yaml_calls.append((path.name, node.lineno))
+            if node.func.attr == "init" and owner == "ray" and "dashboard_host" in kw:
+                hosts.append(kw["dashboard_host"].value)
+    assert loads and all(ok for *_, ok in loads), [x for x in loads if not x[2]]
+    assert yaml_calls == []
+    assert hosts == ["127.0.0.1"]
+    assert "--host 127.0.0.1" in (ROOT / "orchestrator" / "sweep.py").read_text()
+
+
+def test_a_kill_mid_write_leaves_the_previous_best_intact(tmp_path, monkeypatch):
+    from buarl.checkpoint import read, save_best
+    from buarl.config import load_config
+    cfg = load_config("phantom")
+    save_best(tmp_path / "best.pt", {"w": torch.ones(3)}, cfg, 10, 0.5)
+
+    def dies_half_way(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # the process is interrupted during the write
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_best(tmp_path / "best.pt", {"w": torch.zeros(3)}, cfg, 20, 0.9)
+    kept = read(tmp_path / "best.pt")
+    assert kept["step"] == 10 and torch.equal(kept["weights"]["w"], torch.ones(3))
