@@ -207,7 +207,7 @@ def ablation(chosen: pd.DataFrame) -> pd.DataFrame:
                 common = sorted(set(base.index) & set(part.index))
                 base_dice = base["metrics.test_dice"].astype(float) * 100
                 row["Δ Dice vs BCP"] = dice.mean() - base_dice.mean()
-                if len(common) >= 2:
+                if len(common) >= 3:  # a t-test on 2 pairs says nothing
                     row["p (paired t)"] = float(stats.ttest_rel(dice.loc[common], base_dice.loc[common]).pvalue)
             rows.append(row)
     return pd.DataFrame(rows)
@@ -238,15 +238,16 @@ def _latex_text(v) -> str:
     return r"\textbf{" + text.strip("*") + "}" if text.startswith("**") else text
 
 
-def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool) -> None:
-    """CSV (raw), Markdown (flat headers) and LaTeX (booktabs) of one table."""
-    df.to_csv(out / f"{stem}.csv", index=index)
+def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool, csv: bool = True) -> None:
+    """CSV (numbers only), Markdown (flat headers) and LaTeX (booktabs) of one table."""
+    if csv:
+        df.to_csv(out / f"{stem}.csv", index=index)
     flat = df.copy()
     if isinstance(flat.columns, pd.MultiIndex):
         flat.columns = [" ".join(c) for c in flat.columns]
-    for col, fmt in (("Δ Dice vs BCP", "{:+.2f}"), ("p (paired t)", "{:.3g}")):
+    for col, fmt, missing in (("Δ Dice vs BCP", "{:+.2f}", "–"), ("p (paired t)", "{:.3f}", "n/a")):
         if col in flat:
-            flat[col] = flat[col].map(lambda v, f=fmt: "–" if pd.isna(v) else f.format(v))
+            flat[col] = flat[col].map(lambda v, f=fmt, m=missing: m if pd.isna(v) else f.format(v))
     flat = flat.map(lambda v: "–" if isinstance(v, float) and np.isnan(v) else v)
     (out / f"{stem}.md").write_text(flat.to_markdown(index=index, floatfmt=".2f") + "\n")
     tex = flat.rename(columns={"Δ Dice vs BCP": r"$\Delta$ Dice vs BCP"}) if not isinstance(df.columns, pd.MultiIndex) \
@@ -259,7 +260,24 @@ def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool) -> None:
     styler = tex.style.format(precision=2, na_rep="–")
     if not index:
         styler = styler.hide(axis="index")
-    (out / f"{stem}.tex").write_text(styler.to_latex(hrules=True, multicol_align="c") + "\n")
+    # numbers (and "mean ± std" cells) right-aligned, text left
+    numeric = ["r" if pd.api.types.is_numeric_dtype(df[c]) or isinstance(df.columns, pd.MultiIndex) else "l"
+               for c in df.columns]
+    latex = styler.to_latex(hrules=True, multicol_align="c", column_format=("l" if index else "") + "".join(numeric))
+    (out / f"{stem}.tex").write_text(_cmidrules(latex, df, index) + "\n")
+
+
+def _cmidrules(latex: str, df: pd.DataFrame, index: bool) -> str:
+    """booktabs \\cmidrule under each column group of a two-level header."""
+    if not isinstance(df.columns, pd.MultiIndex):
+        return latex
+    lines, spans, start = latex.splitlines(), [], 1 + int(index)
+    for _, group in pd.Series(df.columns.get_level_values(0)).groupby(
+            (pd.Series(df.columns.get_level_values(0)) != pd.Series(df.columns.get_level_values(0)).shift()).cumsum()):
+        spans.append(f"\\cmidrule(lr){{{start}-{start + len(group) - 1}}}")
+        start += len(group)
+    at = next(i for i, ln in enumerate(lines) if "\\multicolumn" in ln)
+    return "\n".join(lines[:at + 1] + [" ".join(spans)] + lines[at + 1:])
 
 
 def plots(trials: pd.DataFrame, out: Path) -> list[str]:
@@ -335,9 +353,9 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     protocol = protocol_of(trials)
     numbers, display = comparison(chosen, published, protocol)
     files = []
-    write_table(display, out, "comparison", index=True)
-    numbers.to_csv(out / "comparison_numbers.csv", index=False)
-    files += ["comparison.md", "comparison.tex", "comparison.csv", "comparison_numbers.csv"]
+    write_table(display, out, "comparison", index=True, csv=False)
+    numbers.to_csv(out / "comparison.csv", index=False)  # the numbers behind the display, unformatted
+    files += ["comparison.md", "comparison.tex", "comparison.csv"]
     abl = ablation(chosen)
     if not abl.empty:
         write_table(abl, out, "ablation", index=False)
