@@ -1,0 +1,166 @@
+"""Issue 12's GPU targets in one command (G1 solo speed and utilisation, G2 packing, G3 LA,
+G5 evaluation), a table on stdout and bench/results/gpu_<card>.json.
+
+    python bench/gpu.py --acdc ../shared/data/ACDC [--la ../shared/data/LA] [--iters 300] [--packed 4]
+    python bench/gpu.py --smoke          # the same path on the CPU with the phantoms, in seconds
+
+Each measurement is a worker process running buarl's own loop (BUARL: bcp + URL + CRL,
+self-training, the `acdc` / `la` paper configs) for `--iters` iterations; its speed is taken
+between the log steps after a warm-up, so start-up and the final test evaluation are not in
+it. Packed = that many workers at once on the one GPU. GPU utilisation is sampled with
+nvidia-smi every 0.5 s during each phase. G5 times the final evaluation of the solo ACDC
+worker (all 40 test volumes). With images packed by ../shared/tools/pack_acdc.py (8-bit),
+speeds are unchanged; report Dice from such a copy as "8-bit images".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, self-training
+
+
+def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool) -> dict:
+    """One measured run of the loop; prints and returns its speeds."""
+    import torch
+
+    from buarl.config import load_config
+    from buarl.train import Reporter, train
+
+    config = {"acdc": "phantom" if smoke else "acdc", "la": "phantom_la" if smoke else "la"}[kind]
+    log_every = max(1, iters // 10)
+    cfg = load_config(config, {"data_root": data_root, "base": "bcp", "url": True, "crl": True, "pretrain_iters": 0,
+                               "iters": iters, "eval_every": 10 ** 9, "log_every": log_every, "device": device,
+                               "labeled": labeled_for(kind, smoke), "test_cases": 0 if kind == "acdc" else 2,
+                               "val_cases": 1})
+
+    class Clock(Reporter):
+        def __init__(self):
+            self.marks = []
+
+        def log(self, step, scalars):  # the loop syncs (float()) before it logs
+            self.marks.append((step, time.perf_counter()))
+
+    clock = Clock()
+    metrics = train(cfg, clock)
+    ended = time.perf_counter()
+    (s0, t0), (s1, t1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
+    out = {"kind": kind, "config": config, "iters": iters, "it_per_s": (s1 - s0) / (t1 - t0),
+           "evaluation_s": ended - t1, "test_cases": metrics["cases"], "device": device,
+           "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    print("RESULT " + json.dumps(out), flush=True)
+    return out
+
+
+def labeled_for(kind: str, smoke: bool) -> int:
+    """5 % labeled (3 ACDC patients, 4 LA scans); the phantoms have fewer cases."""
+    return 2 if smoke else {"acdc": 3, "la": 4}[kind]
+
+
+class Utilisation:
+    """nvidia-smi sampled every 0.5 s while a phase runs (None without nvidia-smi)."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self.proc = None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "500"], stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(float(line.strip().split(",")[0]))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+
+    @property
+    def mean(self):
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool) -> tuple[list[dict], float | None]:
+    cmd = [sys.executable, __file__, "--worker", kind, "--iters", str(iters), "--device", device]
+    cmd += ["--smoke"] if smoke else []
+    cmd += ["--root", data_root] if data_root else []
+    with Utilisation() as util:
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(n)]
+        outs = [p.communicate()[0] for p in procs]
+    results = []
+    for p, text in zip(procs, outs):
+        lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            raise SystemExit(f"bench/gpu.py: a {kind} worker failed (exit {p.returncode}):\n{text[-3000:]}")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    return results, util.mean
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--acdc", help="ACDC data root (SSL4MIS layout)")
+    p.add_argument("--la", help="LA data root (UA-MT layout); G3 is skipped without it")
+    p.add_argument("--iters", type=int, default=300, help="iterations per measured run")
+    p.add_argument("--packed", type=int, default=4, help="trials at once for G2")
+    p.add_argument("--device", default=None, help="cuda (default) or cpu")
+    p.add_argument("--smoke", action="store_true", help="CPU, phantoms, a few iterations: checks the script itself")
+    p.add_argument("--worker", choices=["acdc", "la"], help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    device = a.device or ("cpu" if a.smoke else "cuda")
+    if a.worker:
+        worker(a.worker, a.root, a.iters, device, a.smoke)
+        return
+    if not a.smoke and not a.acdc:
+        raise SystemExit("bench/gpu.py: --acdc DATA_ROOT is required (or --smoke)")
+    iters = 6 if a.smoke else a.iters
+    report: dict = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "device": device,
+                    "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke}
+    solo, util_solo = phase("acdc", a.acdc, iters, 1, device, a.smoke)
+    packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke)
+    speed = solo[0]["it_per_s"]
+    pre, self_ = PROTOCOL_ITERS["acdc"]
+    report["card"] = solo[0]["gpu"]
+    report["G1_acdc_solo"] = {"it_per_s": round(speed, 2), "gpu_util_pct": util_solo,
+                              "target": ">= 45 it/s and >= 70 % utilisation",
+                              "protocol_minutes_upper_bound": round((pre + self_) / speed / 60, 1)}
+    each = [r["it_per_s"] for r in packed]
+    report["G2_acdc_packed"] = {"trials": a.packed, "it_per_s_each": [round(x, 2) for x in each],
+                                "min_share_of_solo": round(min(each) / speed, 2), "gpu_util_pct": util_packed,
+                                "throughput_over_solo": round(sum(each) / speed, 2),
+                                "target": f">= {a.packed} trials at >= 80 % of solo each"}
+    report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
+                               "target": "<= 5 s on a GPU"}
+    if a.la or a.smoke:
+        la_solo, la_util = phase("la", a.la, iters, 1, device, a.smoke)
+        la_packed, _ = phase("la", a.la, iters, 2, device, a.smoke)
+        pre, self_ = PROTOCOL_ITERS["la"]
+        report["G3_la"] = {"solo_it_per_s": round(la_solo[0]["it_per_s"], 2), "gpu_util_pct": la_util,
+                           "packed_2_it_per_s_each": [round(r["it_per_s"], 2) for r in la_packed],
+                           "protocol_minutes_upper_bound": round((pre + self_) / la_solo[0]["it_per_s"] / 60, 1)}
+    print(json.dumps(report, indent=2))
+    card = "".join(c if c.isalnum() else "_" for c in report["card"])[:40]
+    path = ROOT / "bench" / "results" / f"gpu_{'smoke' if a.smoke else card}.json"
+    if not a.smoke:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

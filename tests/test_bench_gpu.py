@@ -1,0 +1,27 @@
+"""bench/gpu.py's report from its measured phases (the phases themselves run buarl's loop;
+`python bench/gpu.py --smoke` runs them for real on the CPU)."""
+import importlib.util
+import json
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    speeds = {"acdc": 50.0, "la": 8.0}
+
+    def fake_phase(kind, root, iters, n, device, smoke):
+        each = speeds[kind] * (0.9 if n > 1 else 1.0)
+        return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
+    monkeypatch.setattr(gpu, "phase", fake_phase)
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--packed", "4"])
+    gpu.main()
+    report = json.loads(capsys.readouterr().out)
+    assert report["G1_acdc_solo"] == {"it_per_s": 50.0, "gpu_util_pct": 75.0, "target": ">= 45 it/s and >= 70 % utilisation",
+                                      "protocol_minutes_upper_bound": round(40000 / 50 / 60, 1)}
+    assert report["G2_acdc_packed"]["min_share_of_solo"] == 0.9 and report["G2_acdc_packed"]["throughput_over_solo"] == 3.6
+    assert report["G3_la"]["protocol_minutes_upper_bound"] == round(17000 / 8 / 60, 1)
+    assert report["G5_evaluation"]["seconds"] == 4.0
