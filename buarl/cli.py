@@ -176,7 +176,7 @@ def _predict(args) -> int:
     for path in bar:
         bar.set_postfix_str(path.name)
         try:
-            scan = read_scan(path, cfg.dataset, cfg.patch_size)
+            scan = read_scan(path, cfg.dataset)
         except InputError as e:
             skipped.append(path)
             tqdm.write(f"buarl: skipped {e}", file=sys.stderr)

@@ -150,7 +150,7 @@ class Loop:
         """Teacher softmax, one call per chunk of the batch (BCP: one per unlabeled half)."""
         cfg = self.cfg
         # the student's memory format: a plain NCHW input to channels-last weights makes
-        # oneDNN reorder at every layer (measured 2x the student's forward time)
+        # oneDNN reorder it at every layer
         parts = x.contiguous(memory_format=self.fmt).chunk(chunks)
         with autocast(cfg, self.device):
             if cfg.uncertainty == "mc_entropy":

@@ -56,7 +56,7 @@ def normalise(image: np.ndarray, dataset: str) -> np.ndarray:
     return (image - image.mean()) / std if std > 0 else np.zeros_like(image)
 
 
-def _check_axes(path: Path, image: np.ndarray, dataset: str, patch: list[int]) -> np.ndarray:
+def _check_axes(path: Path, image: np.ndarray, dataset: str) -> np.ndarray:
     if dataset == "acdc" and image.ndim == 2:
         image = image[None]
     if image.ndim != 3:
@@ -70,7 +70,7 @@ def _check_axes(path: Path, image: np.ndarray, dataset: str, patch: list[int]) -
     return image
 
 
-def read_scan(path: Path, dataset: str, patch: list[int]) -> Scan:
+def read_scan(path: Path, dataset: str) -> Scan:
     path = Path(path)
     kind = kind_of(path)
     if not path.is_file():
@@ -83,7 +83,7 @@ def read_scan(path: Path, dataset: str, patch: list[int]) -> Scan:
             meta = {"affine": img.affine, "header": img.header, "shape": data.shape}
             if dataset == "acdc" and data.ndim == 3:
                 data = np.moveaxis(data, -1, 0)  # (x, y, z) -> z-slices
-            image = normalise(_check_axes(path, data, dataset, patch), dataset)
+            image = normalise(_check_axes(path, data, dataset), dataset)
         elif kind == ".h5":
             import h5py
             with h5py.File(path, "r") as f:
@@ -91,11 +91,11 @@ def read_scan(path: Path, dataset: str, patch: list[int]) -> Scan:
                     raise InputError(f"{path}: no 'image' dataset (found {sorted(f.keys())})")
                 data = np.asarray(f["image"][()], dtype=np.float32)
             meta = {"shape": data.shape}
-            image = _check_axes(path, data, dataset, patch)
+            image = _check_axes(path, data, dataset)
         else:
             data = np.load(path, allow_pickle=False).astype(np.float32)
             meta = {"shape": data.shape}
-            image = normalise(_check_axes(path, data, dataset, patch), dataset)
+            image = normalise(_check_axes(path, data, dataset), dataset)
     except InputError:
         raise
     except Exception as e:  # a corrupt or truncated file of any format: name it and go on
