@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -29,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, self-training
 
 
-def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool) -> dict:
+def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool, labeled: int,
+           test_cases: int) -> dict:
     """One measured run of the loop; prints and returns its speeds."""
     import torch
 
@@ -40,8 +42,8 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     log_every = max(1, iters // 10)
     cfg = load_config(config, {"data_root": data_root, "base": "bcp", "url": True, "crl": True, "pretrain_iters": 0,
                                "iters": iters, "eval_every": 10 ** 9, "log_every": log_every, "device": device,
-                               "labeled": labeled_for(kind, smoke), "test_cases": 0 if kind == "acdc" else 2,
-                               "val_cases": 1})
+                               "labeled": labeled, "test_cases": test_cases, "val_cases": 1,
+                               "threads": threads_per_worker()})
 
     class Clock(Reporter):
         def __init__(self):
@@ -61,9 +63,16 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     return out
 
 
-def labeled_for(kind: str, smoke: bool) -> int:
+def labeled_for(kind: str, smoke: bool, la_labeled: int) -> int:
     """5 % labeled (3 ACDC patients, 4 LA scans); the phantoms have fewer cases."""
-    return 2 if smoke else {"acdc": 3, "la": 4}[kind]
+    return 2 if smoke else {"acdc": 3, "la": la_labeled}[kind]
+
+
+def threads_per_worker() -> int:
+    """The host's cores shared by the workers running at once (BENCH_WORKERS)."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("BENCH_WORKERS", "1")))
 
 
 class Utilisation:
@@ -96,12 +105,18 @@ class Utilisation:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool) -> tuple[list[dict], float | None]:
-    cmd = [sys.executable, __file__, "--worker", kind, "--iters", str(iters), "--device", device]
+def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, labeled: int,
+          test_cases: int) -> tuple[list[dict], float | None]:
+    """n workers at once; test_cases=0 evaluates the whole test set (G5), else that many."""
+    cmd = [sys.executable, __file__, "--worker", kind, "--iters", str(iters), "--device", device,
+           "--labeled", str(labeled), "--test-cases", str(test_cases)]
     cmd += ["--smoke"] if smoke else []
     cmd += ["--root", data_root] if data_root else []
+    env = {**os.environ, "BENCH_WORKERS": str(n)}
+    print(f"bench/gpu.py: {kind}, {n} worker(s) at once, {iters} iterations each ...", flush=True)
     with Utilisation() as util:
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(n)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                 for _ in range(n)]
         outs = [p.communicate()[0] for p in procs]
     results = []
     for p, text in zip(procs, outs):
@@ -120,20 +135,25 @@ def main() -> None:
     p.add_argument("--packed", type=int, default=4, help="trials at once for G2")
     p.add_argument("--device", default=None, help="cuda (default) or cpu")
     p.add_argument("--smoke", action="store_true", help="CPU, phantoms, a few iterations: checks the script itself")
+    p.add_argument("--la-labeled", type=int, default=4,
+                   help="labeled LA scans (4 = 5 %%; fewer for a small subset: the speed is the same)")
     p.add_argument("--worker", choices=["acdc", "la"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--labeled", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--test-cases", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
     device = a.device or ("cpu" if a.smoke else "cuda")
     if a.worker:
-        worker(a.worker, a.root, a.iters, device, a.smoke)
+        worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases)
         return
     if not a.smoke and not a.acdc:
         raise SystemExit("bench/gpu.py: --acdc DATA_ROOT is required (or --smoke)")
     iters = 6 if a.smoke else a.iters
     report: dict = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "device": device,
                     "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke}
-    solo, util_solo = phase("acdc", a.acdc, iters, 1, device, a.smoke)
-    packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke)
+    acdc_l = labeled_for("acdc", a.smoke, a.la_labeled)
+    solo, util_solo = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 0)
+    packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1)
     speed = solo[0]["it_per_s"]
     pre, self_ = PROTOCOL_ITERS["acdc"]
     report["card"] = solo[0]["gpu"]
@@ -148,8 +168,9 @@ def main() -> None:
     report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
                                "target": "<= 5 s on a GPU"}
     if a.la or a.smoke:
-        la_solo, la_util = phase("la", a.la, iters, 1, device, a.smoke)
-        la_packed, _ = phase("la", a.la, iters, 2, device, a.smoke)
+        la_l = labeled_for("la", a.smoke, a.la_labeled)
+        la_solo, la_util = phase("la", a.la, iters, 1, device, a.smoke, la_l, 1)
+        la_packed, _ = phase("la", a.la, iters, 2, device, a.smoke, la_l, 1)
         pre, self_ = PROTOCOL_ITERS["la"]
         report["G3_la"] = {"solo_it_per_s": round(la_solo[0]["it_per_s"], 2), "gpu_util_pct": la_util,
                            "packed_2_it_per_s_each": [round(r["it_per_s"], 2) for r in la_packed],

@@ -32,12 +32,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def precision_of(cfg: Config, device: torch.device) -> str:
-    """The precision a run really uses: `auto` picks AMP on CUDA, bf16 on CPUs with
-    native bf16, fp32 elsewhere."""
+    """The precision a run really uses: `auto` picks bf16 on GPUs that have it (no loss
+    scaling, so no host sync per step for the scaler's inf check) and fp16 AMP on older ones,
+    bf16 on CPUs with native bf16, fp32 elsewhere."""
     if cfg.precision != "auto":
         return cfg.precision
     if device.type == "cuda":
-        return "amp"
+        return "bf16" if torch.cuda.is_bf16_supported() else "amp"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 

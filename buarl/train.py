@@ -101,6 +101,10 @@ class Loop:
         self.rank, self.world = _rank()
         self.device = device_of(cfg)
         self.data = data if data is not None else load_benchmark(cfg)
+        if hasattr(self.data, "to"):
+            self.data.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.dim = self.data.dim
         self.fmt = memory_format(cfg, self.dim)
         seed_everything(cfg.seed)  # every DDP replica starts from the same weights (and teacher)

@@ -13,7 +13,7 @@ def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
     spec.loader.exec_module(gpu)
     speeds = {"acdc": 50.0, "la": 8.0}
 
-    def fake_phase(kind, root, iters, n, device, smoke):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases):
         each = speeds[kind] * (0.9 if n > 1 else 1.0)
         return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
     monkeypatch.setattr(gpu, "phase", fake_phase)

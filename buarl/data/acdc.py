@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import zoom
 
 from buarl.config import Config
-from buarl.data.augment import augment_2d
+from buarl.data.augment import augment_batch_2d
 from buarl.data.checks import inside, read_case, read_list, require_root
 from buarl.data.types import Case
 from buarl.errors import DataError
@@ -77,6 +77,12 @@ class AcdcData:
         names = names[:limit] if limit else names
         return [Case(n, *read_case(inside(self.root, f"data/{n}.h5", list_file), 4, 3)) for n in names]
 
+    def to(self, device: torch.device) -> "AcdcData":
+        """Keep the training slices on the run's device: a batch is then a gather and a few
+        augmentation ops there, with no per-iteration host-to-device copy."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
     def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [augment_2d(self.images[i], self.labels[i].long(), gen) for i in idx]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        ix = torch.tensor(idx, device=self.images.device)
+        return augment_batch_2d(self.images[ix], self.labels[ix].long(), gen)

@@ -17,25 +17,72 @@ def _u(gen: torch.Generator) -> float:
     return float(torch.rand((), generator=gen))
 
 
-def _rotate(image: torch.Tensor, label: torch.Tensor, degrees: float):
+def _theta(degrees: float) -> torch.Tensor:
     a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+    return torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+
+
+def _rotate(image: torch.Tensor, label: torch.Tensor, degrees: float):
+    theta = _theta(degrees)
     stacked = torch.cat([image, label[None].float()], 0)[None]  # (1, 2, H, W)
     grid = F.affine_grid(theta[None], list(stacked.shape), align_corners=False)
     out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
     return out[:1], out[1].round().long()
 
 
-def augment_2d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
-    """image (1, H, W), label (H, W) -> augmented pair of the same shapes."""
+def draw_2d(gen: torch.Generator) -> tuple[str, int, int, float]:
+    """One sample's augmentation: ("rot90", k, flip axis, 0), ("rotate", 0, 0, degrees) or
+    ("none", 0, 0, 0). Drawing is separate from applying so that a batch can be drawn
+    sample by sample (the same stream as one-at-a-time) and applied in a few batched ops."""
     if _u(gen) > 0.5:
         k = int(torch.randint(0, 4, (), generator=gen))
-        image, label = torch.rot90(image, k, (1, 2)), torch.rot90(label, k, (0, 1))
         axis = int(torch.randint(0, 2, (), generator=gen))
+        return "rot90", k, axis, 0.0
+    if _u(gen) > 0.5:
+        return "rotate", 0, 0, -20.0 + 40.0 * _u(gen)
+    return "none", 0, 0, 0.0
+
+
+def augment_2d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
+    """image (1, H, W), label (H, W) -> augmented pair of the same shapes."""
+    kind, k, axis, degrees = draw_2d(gen)
+    if kind == "rot90":
+        image, label = torch.rot90(image, k, (1, 2)), torch.rot90(label, k, (0, 1))
         image, label = torch.flip(image, (axis + 1,)), torch.flip(label, (axis,))
-    elif _u(gen) > 0.5:
-        image, label = _rotate(image, label, -20.0 + 40.0 * _u(gen))
+    elif kind == "rotate":
+        image, label = _rotate(image, label, degrees)
     return image.contiguous(), label.contiguous()
+
+
+def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+    """images (B, 1, H, W), labels (B, H, W) with H == W, on any device: the draws of
+    `augment_2d` sample by sample, applied as one op per (k, axis) group and one
+    affine_grid + grid_sample for all rotated samples, so that a GPU step launches a
+    handful of kernels instead of a few per image. Same result as `augment_2d` per sample
+    (tests/test_fast_paths.py)."""
+    if images.shape[-1] != images.shape[-2]:
+        pairs = [augment_2d(i, l, gen) for i, l in zip(images, labels)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    draws = [draw_2d(gen) for _ in range(len(images))]
+    images, labels = images.clone(), labels.clone()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (kind, k, axis, _) in enumerate(draws):
+        if kind == "rot90":
+            groups.setdefault((k, axis), []).append(i)
+    for (k, axis), members in groups.items():
+        ix = torch.tensor(members, device=images.device)
+        images[ix] = torch.flip(torch.rot90(images[ix], k, (2, 3)), (axis + 2,))
+        labels[ix] = torch.flip(torch.rot90(labels[ix], k, (1, 2)), (axis + 1,))
+    rotated = [i for i, d in enumerate(draws) if d[0] == "rotate"]
+    if rotated:
+        ix = torch.tensor(rotated, device=images.device)
+        theta = torch.stack([_theta(draws[i][3]) for i in rotated]).to(images.device)
+        stacked = torch.cat([images[ix], labels[ix][:, None].to(images.dtype)], 1)
+        grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
+        out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        images[ix] = out[:, :1]
+        labels[ix] = out[:, 1].round().to(labels.dtype)
+    return images, labels
 
 
 def random_crop_3d(image: np.ndarray, label: np.ndarray, patch: list[int], gen: torch.Generator):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 
@@ -37,14 +38,76 @@ def largest_components(masks: np.ndarray, connectivity: str = "full") -> np.ndar
     return (ids == keep.reshape((-1,) + (1,) * (ids.ndim - 1))) & (ids > 0)
 
 
+def _min_neighbour(ids: torch.Tensor, connectivity: str) -> torch.Tensor:
+    """The smallest id among each voxel and its neighbours; ids (N, 1, *spatial)."""
+    spatial = ids.dim() - 2
+    if connectivity == "full":
+        pool = F.max_pool2d if spatial == 2 else F.max_pool3d
+        return -pool(-ids, 3, 1, 1)  # max pooling pads with -inf: the border never wins
+    out = ids
+    for axis in range(2, ids.dim()):
+        n = ids.shape[axis]
+        big = torch.full_like(ids.narrow(axis, 0, 1), float("inf"))
+        out = torch.minimum(out, torch.cat([ids.narrow(axis, 1, n - 1), big], axis))
+        out = torch.minimum(out, torch.cat([big, ids.narrow(axis, 0, n - 1)], axis))
+    return out
+
+
+def largest_components_torch(masks: torch.Tensor, connectivity: str = "full") -> torch.Tensor:
+    """`largest_components` on the masks' own device (a GPU keeps the pseudo-labels there):
+    every voxel starts with its raster index as id; ids spread as the minimum over
+    neighbours inside the mask, and each id jumps to its id's id (a voxel's id is always a
+    voxel of its component, so this only shortens the way) until nothing changes. A
+    component ends with the raster index of its first voxel, so ties go to the first
+    component in raster order, as in the scipy path. masks (N, *spatial) bool."""
+    n = masks.shape[0]
+    # float ids (pooling needs floats): exact up to 2**24 in float32, beyond in float64
+    dtype = torch.float32 if masks.numel() < 2 ** 24 else torch.float64
+    inf = torch.tensor(float("inf"), dtype=dtype, device=masks.device)
+    index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
+    ids = torch.where(masks, index, inf)[:, None]
+    inside = masks[:, None]
+    while True:
+        new = torch.where(inside, _min_neighbour(ids, connectivity), inf)
+        flat = new.flatten()
+        fg = inside.flatten()
+        # pointer jumping: id <- id of the voxel the id names
+        flat = torch.where(fg, flat[torch.where(fg, flat, 0).long()], flat)
+        new = flat.reshape(ids.shape)
+        if torch.equal(new, ids):  # one host sync per sweep, a handful of sweeps per batch
+            break
+        ids = new
+    ids = ids[:, 0].long()
+    ids = torch.where(masks, ids, -1)
+    counts = torch.bincount(ids[masks], minlength=masks.numel())
+    voxel_size = torch.where(masks, counts[ids.clamp(min=0)], 0).reshape(n, -1)
+    biggest = voxel_size.amax(1, keepdim=True)
+    flat_ids = ids.reshape(n, -1)
+    candidates = torch.where((voxel_size == biggest) & (biggest > 0), flat_ids, masks.numel())
+    keep = candidates.amin(1, keepdim=True)
+    return ((flat_ids == keep) & masks.reshape(n, -1)).reshape(masks.shape)
+
+
 def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full") -> torch.Tensor:
     """probs (B, C, ...) -> labels (B, ...); with lcc, each foreground class of each image
-    keeps only its largest connected component (the rest becomes background)."""
+    keeps only its largest connected component (the rest becomes background). On a CPU
+    scipy labels the components; elsewhere they are found on the device (no round trip)."""
     labels = probs.argmax(1)
     if not lcc:
         return labels
+    clean = keep_largest_scipy if labels.device.type == "cpu" else keep_largest_torch
+    return clean(labels, probs.shape[1], connectivity)
+
+
+def keep_largest_torch(labels: torch.Tensor, classes: int, connectivity: str) -> torch.Tensor:
+    masks = torch.stack([labels == c for c in range(1, classes)], 1)  # (B, C-1, ...)
+    keep = largest_components_torch(masks.flatten(0, 1), connectivity).reshape(masks.shape)
+    cls = torch.arange(1, classes, device=labels.device).reshape((1, -1) + (1,) * (labels.dim() - 1))
+    return (keep * cls).sum(1)
+
+
+def keep_largest_scipy(labels: torch.Tensor, classes: int, connectivity: str) -> torch.Tensor:
     arr = labels.cpu().numpy()
-    classes = probs.shape[1]
     masks = np.stack([arr == c for c in range(1, classes)], axis=1)  # (B, C-1, ...)
     keep = largest_components(masks.reshape((-1,) + arr.shape[1:]), connectivity).reshape(masks.shape)
     out = np.zeros_like(arr)

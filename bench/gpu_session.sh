@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Everything one lent GPU session measures, in one command from the repository root on a
+# bare GPU machine (issue 12's targets, then issue 11's short-schedule parity runs):
+#
+#   bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
+#
+# It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session"):
+#   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
+#   .gpu_data/la.u8.xz + pack_la.py         a small LA subset (8-bit, cropped; speed only)
+#   .whl/                                   pydantic, medpy and their pure-Python needs
+# Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, parity_runs.tgz (the four
+# `buarl train` folders, checkpoints left out), session.log. Stages get deadlines inside
+# BUDGET_S (default 570 s) so the files are written even when a stage runs long.
+# SMOKE=1 runs the same path on this CPU in a few minutes (tiny schedules; checks the script).
+set -u
+OUT=${1:?usage: bench/gpu_session.sh OUT_DIR [BUDGET_S]}
+BUDGET=${2:-570}
+START=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+    DEV="--device cpu"; SCHEDULE="pretrain_iters=4 iters=6 eval_every=5 device=cpu test_cases=2 val_cases=2"; ITERS=4
+else
+    DEV=""; SCHEDULE="pretrain_iters=700 iters=2100 eval_every=250"; ITERS=150
+fi
+# (the smoke runs in this checkout's venv, which has them)
+[ "$SMOKE" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || [ "$SMOKE" = 1 ]
+python3 -c "import torch, pydantic, medpy, buarl.train; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" \
+    || exit 1
+python3 .gpu_data/unpack_acdc.py .gpu_data/acdc.u8.xz /tmp/ACDC & a=$!
+python3 .gpu_data/pack_la.py unpack .gpu_data/la.u8.xz /tmp/LA & b=$!
+wait $a $b  # (a bare wait would also wait for the tee above)
+echo "[$(( $(date +%s) - START )) s] data unpacked"
+# the device clean-up of the pseudo-labels on this card equals scipy's (tests/test_fast_paths.py on the CPU)
+python3 - <<'PY'
+import numpy as np, torch
+from buarl.method.pseudo import largest_components, largest_components_torch
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+rng = np.random.default_rng(0)
+for shape in [(36, 128, 128), (2, 64, 64, 48)]:
+    for conn in ("full", "face"):
+        m = rng.random(shape) < 0.3
+        same = np.array_equal(largest_components_torch(torch.from_numpy(m).to(dev), conn).cpu().numpy(),
+                              largest_components(m, conn))
+        print(f"device components == scipy on {dev}, {shape}, {conn}: {same}")
+PY
+
+# Issue 12: G1 (solo), G2 (4 packed), G5 (evaluation), G3 (LA on the 2-labeled subset).
+timeout $(( $(left) - 320 )) python3 bench/gpu.py --acdc /tmp/ACDC --la /tmp/LA --la-labeled 2 --iters $ITERS $DEV \
+    2>&1 | tee "$OUT/bench.log"
+[ "$SMOKE" = 1 ] || cp bench/results/gpu_*.json "$OUT/"
+echo "[$(( $(date +%s) - START )) s] bench done"
+
+# Issue 11: BCP and BUARL at 3 labeled patients, the short schedule (700 + 2100, val every
+# 250 on the 20 val volumes), earlier settings vs BCP's, four runs at once on the one GPU.
+EARLIER="lr_schedule=poly ema_warmup=true teacher_mode=eval self_train_init=last lcc_connectivity=face split_forward=false dice_smooth=1e-5"
+COMMON="labeled=3 seed=1337 threads=4 $SCHEDULE"
+run() {  # name, settings
+    python3 -c "import sys; from buarl.cli import main; sys.exit(main())" train --config acdc --data-root /tmp/ACDC \
+        --set $COMMON $2 --out "/tmp/parity/$1" > "/tmp/parity/$1.out" 2>&1
+    echo "$1 exit $?"
+}
+mkdir -p /tmp/parity
+T=$(( $(left) - 25 ))
+echo "parity runs: ${T} s left for them"
+export -f run; export COMMON
+timeout "$T" bash -c "run bcp_earlier 'base=bcp url=false crl=false $EARLIER' &
+    run bcp 'base=bcp url=false crl=false' &
+    run buarl_earlier 'base=bcp url=true crl=true $EARLIER' &
+    run buarl 'base=bcp url=true crl=true' &
+    wait"
+for f in /tmp/parity/*.out; do echo "== $f"; grep -E "val_dice|warning|Error|error" "$f" | tail -15; done
+tar czf "$OUT/parity_runs.tgz" --exclude='*.pt' -C /tmp parity
+echo "[$(( $(date +%s) - START )) s] session done"

@@ -1,0 +1,114 @@
+"""The batched / on-device paths that keep a GPU busy compute what the plain ones do
+(issue 12): batched augmentation, connected components on the device, the foreach EMA,
+and the precision `auto` picks on a GPU."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from buarl.data.augment import augment_2d, augment_batch_2d, draw_2d
+from buarl.method.pseudo import (keep_largest_scipy, keep_largest_torch, largest_components,
+                                 largest_components_torch)
+from buarl.method.teacher import ema_update
+from buarl.nets import build
+
+
+def test_batched_augmentation_equals_per_sample_augmentation():
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(64, 1, 40, 40, generator=g)
+    labels = torch.randint(0, 4, (64, 40, 40), generator=g)
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    reference = [augment_2d(i, l, g1) for i, l in zip(images, labels)]
+    x, y = augment_batch_2d(images, labels, g2)
+    assert torch.equal(x, torch.stack([r[0] for r in reference]))
+    assert torch.equal(y, torch.stack([r[1] for r in reference]))
+    assert torch.equal(g1.get_state(), g2.get_state())  # the stream goes on identically
+    # the batch really held every kind (else the equality above proves less)
+    g3 = torch.Generator().manual_seed(11)
+    assert {draw_2d(g3)[0] for _ in range(64)} == {"rot90", "rotate", "none"}
+
+
+def test_augmentation_draws_follow_the_protocol_distribution():
+    """SSL4MIS RandomGenerator: p=1/2 rot90 (k uniform in 0..3) + flip (axis uniform), else
+    p=1/2 a rotation with angle uniform in [-20, 20)."""
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_2d(g) for _ in range(20000)]
+    kinds = Counter(d[0] for d in draws)
+    assert abs(kinds["rot90"] / 20000 - 0.5) < 0.015
+    assert abs(kinds["rotate"] / 20000 - 0.25) < 0.015
+    ks = Counter(d[1] for d in draws if d[0] == "rot90")
+    axes = Counter(d[2] for d in draws if d[0] == "rot90")
+    assert set(ks) == {0, 1, 2, 3} and max(ks.values()) / min(ks.values()) < 1.1
+    assert set(axes) == {0, 1} and abs(axes[0] / kinds["rot90"] - 0.5) < 0.02
+    angles = np.array([d[3] for d in draws if d[0] == "rotate"])
+    assert angles.min() >= -20 and angles.max() < 20 and abs(angles.mean()) < 0.5
+    assert abs(angles.std() - 40 / math.sqrt(12)) < 0.3
+
+
+@pytest.mark.parametrize("shape", [(24, 40, 40), (6, 14, 12, 10)])
+@pytest.mark.parametrize("connectivity", ["full", "face"])
+def test_device_components_equal_scipy_on_random_masks(shape, connectivity):
+    rng = np.random.default_rng(sum(shape))
+    for p in (0.2, 0.45, 0.6):  # sparse, near percolation (long, branching components), dense
+        masks = rng.random(shape) < p
+        masks[0] = False  # an empty mask stays empty
+        got = largest_components_torch(torch.from_numpy(masks), connectivity).numpy()
+        assert np.array_equal(got, largest_components(masks, connectivity)), (p, connectivity)
+
+
+def test_device_components_follow_long_shapes_and_break_ties_by_raster_order():
+    yy, xx = np.mgrid[:96, :96]
+    r, th = np.hypot(yy - 48, xx - 48), np.arctan2(yy - 48, xx - 48)
+    spiral = (np.abs(((r - 3 * th) % 12) - 6) < 2) & (r < 45)  # one arm, a long geodesic path
+    spiral[0, :10] = True  # a small separate piece
+    got = largest_components_torch(torch.from_numpy(spiral[None]), "full").numpy()[0]
+    assert np.array_equal(got, largest_components(spiral[None], "full")[0]) and not got[0, :10].any()
+    ties = np.zeros((1, 10, 10), bool)
+    ties[0, 6:8, 6:8] = ties[0, 1:3, 1:3] = True  # two 2x2 squares: the first in raster order stays
+    kept = largest_components_torch(torch.from_numpy(ties), "full").numpy()[0]
+    assert kept[1:3, 1:3].all() and not kept[6:8, 6:8].any()
+    diagonal = np.zeros((1, 6, 6), bool)
+    diagonal[0, [0, 1, 2], [0, 1, 2]] = diagonal[0, 5, 5] = True  # 8-connected, not 4-connected
+    assert largest_components_torch(torch.from_numpy(diagonal), "full").numpy()[0].sum() == 3
+    assert largest_components_torch(torch.from_numpy(diagonal), "face").numpy()[0].sum() == 1
+
+
+def test_device_pseudo_label_clean_up_equals_scipy():
+    g = torch.Generator().manual_seed(5)
+    # smooth random maps, so the labels form blobs of several components per class
+    logits = torch.nn.functional.avg_pool2d(torch.randn(6, 4, 64, 64, generator=g), 9, 1, 4)
+    labels = logits.argmax(1)
+    for connectivity in ("full", "face"):
+        assert torch.equal(keep_largest_torch(labels, 4, connectivity), keep_largest_scipy(labels, 4, connectivity))
+    assert (keep_largest_scipy(labels, 4, "full") != labels).any()  # the clean-up removed something
+
+
+def test_foreach_ema_equals_the_per_tensor_formula():
+    torch.manual_seed(0)
+    student, teacher = build("acdc", 4), build("acdc", 4)
+    student.train()
+    student(torch.randn(2, 1, 32, 32))  # moves the batch-norm statistics and counters
+    expected = {k: v.clone() for k, v in teacher.state_dict().items()}
+    for k, s in student.state_dict().items():
+        if s.dtype.is_floating_point:
+            expected[k].mul_(0.99).add_(s, alpha=0.01)
+        else:
+            expected[k] = s.clone()
+    ema_update(teacher, student, 0.99)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_auto_precision_on_a_gpu_is_bf16_where_the_card_has_it(monkeypatch):
+    from buarl.config import load_config
+    from buarl.runtime import precision_of
+
+    cfg = load_config("phantom", {"precision": "auto"})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision_of(cfg, torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision_of(cfg, torch.device("cuda")) == "amp"
