@@ -152,34 +152,48 @@ def main() -> None:
     report: dict = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "device": device,
                     "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke}
     acdc_l = labeled_for("acdc", a.smoke, a.la_labeled)
+    path = None
+
+    def save(stage: str) -> None:
+        """After each phase: the report so far, on stderr and (on a GPU) in the results file,
+        so a session cut short keeps what it measured."""
+        nonlocal path
+        print(f"bench/gpu.py: {stage}: " + json.dumps({k: v for k, v in report.items() if k.startswith("G")}),
+              file=sys.stderr, flush=True)
+        if not a.smoke:
+            card = "".join(c if c.isalnum() else "_" for c in report["card"])[:40]
+            path = ROOT / "bench" / "results" / f"gpu_{card}.json"
+            path.write_text(json.dumps(report, indent=2) + "\n")
+
     solo, util_solo = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 0)
-    packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1)
+    report["card"] = solo[0]["gpu"]
     speed = solo[0]["it_per_s"]
     pre, self_ = PROTOCOL_ITERS["acdc"]
-    report["card"] = solo[0]["gpu"]
     report["G1_acdc_solo"] = {"it_per_s": round(speed, 2), "gpu_util_pct": util_solo,
                               "target": ">= 45 it/s and >= 70 % utilisation",
                               "protocol_minutes_upper_bound": round((pre + self_) / speed / 60, 1)}
+    report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
+                               "target": "<= 5 s on a GPU"}
+    save("solo")
+    packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1)
     each = [r["it_per_s"] for r in packed]
     report["G2_acdc_packed"] = {"trials": a.packed, "it_per_s_each": [round(x, 2) for x in each],
                                 "min_share_of_solo": round(min(each) / speed, 2), "gpu_util_pct": util_packed,
                                 "throughput_over_solo": round(sum(each) / speed, 2),
                                 "target": f">= {a.packed} trials at >= 80 % of solo each"}
-    report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
-                               "target": "<= 5 s on a GPU"}
+    save("packed")
     if a.la or a.smoke:
         la_l = labeled_for("la", a.smoke, a.la_labeled)
         la_solo, la_util = phase("la", a.la, iters, 1, device, a.smoke, la_l, 1)
-        la_packed, _ = phase("la", a.la, iters, 2, device, a.smoke, la_l, 1)
         pre, self_ = PROTOCOL_ITERS["la"]
         report["G3_la"] = {"solo_it_per_s": round(la_solo[0]["it_per_s"], 2), "gpu_util_pct": la_util,
-                           "packed_2_it_per_s_each": [round(r["it_per_s"], 2) for r in la_packed],
                            "protocol_minutes_upper_bound": round((pre + self_) / la_solo[0]["it_per_s"] / 60, 1)}
+        save("la solo")
+        la_packed, _ = phase("la", a.la, iters, 2, device, a.smoke, la_l, 1)
+        report["G3_la"]["packed_2_it_per_s_each"] = [round(r["it_per_s"], 2) for r in la_packed]
+        save("la packed")
     print(json.dumps(report, indent=2))
-    card = "".join(c if c.isalnum() else "_" for c in report["card"])[:40]
-    path = ROOT / "bench" / "results" / f"gpu_{'smoke' if a.smoke else card}.json"
-    if not a.smoke:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+    if path:
         print(f"wrote {path}")
 
 

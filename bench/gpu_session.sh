@@ -6,7 +6,7 @@
 #
 # It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session"):
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
-#   .gpu_data/la.u8.xz + pack_la.py         a small LA subset (8-bit, cropped; speed only)
+#   .gpu_data/la.u8.xz                      bench/pack_la.py's small LA subset (8-bit, cropped; speed only)
 #   .whl/                                   pydantic, medpy and their pure-Python needs
 # Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, parity_runs.tgz (the four
 # `buarl train` folders, checkpoints left out), session.log. Stages get deadlines inside
@@ -35,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, pydantic, medpy, buarl.train; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" \
     || exit 1
 python3 .gpu_data/unpack_acdc.py .gpu_data/acdc.u8.xz /tmp/ACDC & a=$!
-python3 .gpu_data/pack_la.py unpack .gpu_data/la.u8.xz /tmp/LA & b=$!
+python3 bench/pack_la.py unpack .gpu_data/la.u8.xz /tmp/LA & b=$!
 wait $a $b  # (a bare wait would also wait for the tee above)
 echo "[$(( $(date +%s) - START )) s] data unpacked"
 # the device clean-up of the pseudo-labels on this card equals scipy's (tests/test_fast_paths.py on the CPU)

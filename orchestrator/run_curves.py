@@ -5,7 +5,8 @@
 Reads each folder's train.log (the `val_dice=` lines) and metrics.json, writes
 DIR/curves.csv (one row per evaluation), DIR/summary.md (one row per run) and
 DIR/val_curves.png. A missing or unfinished folder is named and refused before anything
-is written.
+is written; with --partial an unfinished run (train.log, no metrics.json: stopped before
+its end) is drawn and listed with its last iteration and no test metrics.
 """
 from __future__ import annotations
 
@@ -25,16 +26,16 @@ def fail(message: str):
 VAL = re.compile(r"it\s+(\d+) val_dice=([0-9.]+)(?: val_fg=([0-9.]+))?")
 
 
-def read_run(name: str, folder: Path) -> tuple[pd.DataFrame, dict]:
+def read_run(name: str, folder: Path, partial: bool = False) -> tuple[pd.DataFrame, dict | None]:
     log, metrics = folder / "train.log", folder / "metrics.json"
     for f in (log, metrics):
-        if not f.is_file():
-            fail(f"{name}: {f} not found (is the run finished?)")
+        if not f.is_file() and not (partial and f == metrics and log.is_file()):
+            fail(f"{name}: {f} not found (is the run finished?{'' if partial else ' --partial draws unfinished runs'})")
     rows = [{"run": name, "iteration": int(m[1]), "val_dice": float(m[2]),
              "val_fg": float(m[3]) if m[3] else float("nan")} for m in VAL.finditer(log.read_text())]
     if not rows:
         fail(f"{name}: no val_dice lines in {log}")
-    return pd.DataFrame(rows), json.loads(metrics.read_text())
+    return pd.DataFrame(rows), json.loads(metrics.read_text()) if metrics.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--title", default="val Dice")
     p.add_argument("--pretrain-iters", type=int, default=0, help="draw a line where self-training starts")
+    p.add_argument("--partial", action="store_true", help="also draw runs stopped before their end (no test metrics)")
     a = p.parse_args(argv)
     curves, summary = [], []
     for spec in a.runs:
         name, sep, folder = spec.partition("=")
         if not sep:
             fail(f"{spec!r}: expected NAME=RUN_DIR")
-        df, m = read_run(name, Path(folder))
+        df, m = read_run(name, Path(folder), a.partial)
         curves.append(df)
-        summary.append({"run": name, "val Dice (each evaluation)": " ".join(f"{v:.2f}" for v in df.val_dice),
-                        "best val": round(m["best_val_dice"], 4), "best at": m["best_step"],
+        row = {"run": name, "val Dice (each evaluation)": " ".join(f"{v:.2f}" for v in df.val_dice)}
+        if m is None:  # unfinished: the best so far, no test
+            best = df.loc[df.val_dice.idxmax()]
+            row.update({"best val": round(float(best.val_dice), 4), "best at": int(best.iteration),
+                        "test Dice %": f"stopped at {int(df.iteration.max())}", "Jaccard %": "—", "95HD": "—",
+                        "ASD": "—", "empty": "—"})
+        else:
+            row.update({"best val": round(m["best_val_dice"], 4), "best at": m["best_step"],
                         "test Dice %": round(100 * m["dice"], 2), "Jaccard %": round(100 * m["jaccard"], 2),
                         "95HD": round(m["hd95"], 2), "ASD": round(m["asd"], 2),
                         "empty": f"{m['empty_predictions']} / {m['structures']}"})
+        summary.append(row)
     a.out.mkdir(parents=True, exist_ok=True)
     table = pd.concat(curves)
     table.to_csv(a.out / "curves.csv", index=False)

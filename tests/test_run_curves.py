@@ -38,5 +38,16 @@ def test_unfinished_run_is_named_and_nothing_written(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([f"good={_run(tmp_path / 'b')}", f"unfinished={a}", "--out", str(tmp_path / "out")])
     assert e.value.code == 2
-    assert capsys.readouterr().err == f"run_curves: unfinished: {a / 'metrics.json'} not found (is the run finished?)\n"
+    assert capsys.readouterr().err == (f"run_curves: unfinished: {a / 'metrics.json'} not found "
+                                       "(is the run finished? --partial draws unfinished runs)\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_partial_draws_an_unfinished_run_without_test_metrics(tmp_path):
+    a = _run(tmp_path / "a", LOG.replace("0.2490", "0.3000"), metrics=None)
+    assert main([f"done={_run(tmp_path / 'b')}", f"stopped={a}", "--out", str(tmp_path / "out"), "--partial"]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    stopped = next(line for line in summary.splitlines() if line.startswith("| stopped"))
+    assert "0.3 " in stopped and "stopped at 250" in stopped and "42.13" not in stopped
+    assert "42.13" in summary  # the finished run keeps its test metrics
+    assert pd.read_csv(tmp_path / "out" / "curves.csv").run.tolist() == ["done", "done", "stopped", "stopped"]
