@@ -161,6 +161,10 @@ class MlflowTrials(Callback):
         self.runs: dict[str, str] = {}
         self.digests: dict[str, str] = {}
         self.settled: set[str] = set()  # trials whose run was FINISHED before this driver saw them
+        # per trial: the last step logged and the keys logged at it. A worker restored from
+        # its last checkpoint replays the evaluations after it (identically: the RNG streams
+        # are restored); the run keeps one value per step and key.
+        self.logged: dict[str, tuple[int, set[str]]] = {}
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
@@ -176,6 +180,7 @@ class MlflowTrials(Callback):
         elif found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            self.logged[trial.trial_id] = self._last_logged(run_id, found[0].data.metrics)
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"{self.point}-{trial.trial_id}",
@@ -187,6 +192,18 @@ class MlflowTrials(Callback):
             self.client.log_batch(run_id, params=[Param(k, redact(v)[:6000]) for k, v in sorted(params.items())])
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def _last_logged(self, run_id: str, keys) -> tuple[int, set[str]]:
+        """What a run reopened by --resume already holds: its last step and the keys at it."""
+        last, at_last = -1, set()
+        for key in keys:
+            steps = [m.step for m in self.client.get_metric_history(run_id, key)]
+            top = max(steps, default=-1)
+            if top > last:
+                last, at_last = top, {key}
+            elif top == last:
+                at_last.add(key)
+        return last, at_last
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -205,8 +222,17 @@ class MlflowTrials(Callback):
             return
         step = int(result.get("iteration", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items() if v == v]
-        self.client.log_batch(run_id, metrics=metrics)
+        last, at_last = self.logged.get(trial.trial_id, (-1, set()))
+        values = {k: v for k, v in _numeric(result).items() if v == v}
+        if step < last:
+            values = {}  # a replayed evaluation: already in the run
+        elif step == last:
+            values = {k: v for k, v in values.items() if k not in at_last}  # e.g. the final test metrics
+        else:
+            at_last = set()
+        if values:
+            self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        self.logged[trial.trial_id] = (max(step, last), at_last | set(values))
         digest = result.get("code_digest")
         if isinstance(digest, str) and self.digests.get(trial.trial_id) != digest:
             self.digests[trial.trial_id] = digest

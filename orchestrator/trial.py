@@ -52,6 +52,7 @@ class RayReporter(Reporter):
         self.rank = ray.train.get_context().get_world_rank()
         self.scalars: dict[str, float] = {}
         self.state: Optional[dict] = None
+        self.resumed_from = 0  # the iteration this worker's loop was restored at (0: a fresh start)
         self.digest = code_digest()  # reported with every result: which code this worker runs
 
     def log(self, step: int, scalars: dict) -> None:
@@ -68,7 +69,8 @@ class RayReporter(Reporter):
 
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
         self.state = state
-        self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest},
+        self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest,
+                      "resumed_from": self.resumed_from},
                      {STATE: lambda p: torch.save(state, p)})
 
     def restore(self) -> Optional[dict]:
@@ -77,7 +79,10 @@ class RayReporter(Reporter):
             return None
         with ckpt.as_directory() as d:
             path = Path(d) / STATE
-            return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+            state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        if state is not None:
+            self.resumed_from = int(state["step"])
+        return state
 
     def finish(self, metrics: dict, best_weights: dict) -> None:
         final = {**flat_test_metrics(metrics), "best_val_dice": float(metrics["best_val_dice"]),

@@ -157,6 +157,10 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
     assert "tags.buarl.trial_id" in before, (before.columns.tolist(), proc.stdout.read()[-3000:])
     ended = {r["tags.buarl.trial_id"]: r["end_time"] for _, r in before.iterrows()
              if r["tags.buarl.role"] == "trial" and r["status"] == "FINISHED"}
+    run_of = {r["tags.buarl.trial_id"]: r["run_id"] for _, r in before.iterrows() if r["tags.buarl.role"] == "trial"}
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged_before = {t: [m.step for m in client.get_metric_history(r, "val_dice")] for t, r in run_of.items()}
 
     out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -174,6 +178,18 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
         row = kids[kids["tags.buarl.trial_id"] == trial_id].iloc[0]
         assert row["end_time"] == end
     assert (after[after["tags.buarl.role"] == "sweep"]["status"] == "FINISHED").all()
+    # Every trial keeps the run it had before the kill, and every finished run holds one
+    # continuous history: each evaluation (4, 8, 12) once. A trial cut mid-run resumed from
+    # its checkpoint, not from iteration 0.
+    for _, row in kids.iterrows():
+        trial_id = row["tags.buarl.trial_id"]
+        if trial_id in run_of:
+            assert row["run_id"] == run_of[trial_id], trial_id
+        steps = [m.step for m in client.get_metric_history(row["run_id"], "val_dice")]
+        assert steps == [4, 8, 12], (trial_id, steps)
+        if trial_id in run_of and trial_id not in ended and logged_before[trial_id]:
+            resumed = [m.value for m in client.get_metric_history(row["run_id"], "resumed_from")]
+            assert max(resumed, default=0) >= 4, (trial_id, logged_before[trial_id], resumed)
 
 
 def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):

@@ -107,3 +107,32 @@ def test_every_resolved_config_key_is_a_param(acdc_phantom):
     from orchestrator.tracking import resolved_params
     params = resolved_params({"dataset": "acdc", "data_root": str(acdc_phantom), "tau_l": 0.3})
     assert set(params) == set(Config.model_fields) and params["ema_decay"] == 0.99 and params["tau_l"] == 0.3
+
+
+def test_a_replayed_evaluation_is_logged_once(sweep):
+    """A worker restored from its checkpoint at iteration 8 replays 12 (identically); the run
+    keeps one value per step and key, the final test metrics at the last step still land,
+    and a driver reopening the run on --resume knows what it holds."""
+    client, exp, parent = sweep
+    driver = _driver(client, exp, parent)
+    trial = _trial("r")
+    driver.on_trial_start(0, [], trial)
+    for step in (4, 8, 12):
+        driver.on_trial_result(0, [], trial, {"iteration": step, "val_dice": step / 100})
+    driver.on_trial_result(0, [], trial, {"iteration": 12, "val_dice": 0.12, "resumed_from": 8})  # the replay
+    driver.on_trial_result(0, [], trial, {"iteration": 16, "val_dice": 0.16, "resumed_from": 8})
+    driver.on_trial_result(0, [], trial, {"iteration": 16, "val_dice": 0.16, "test_dice": 0.5, "done": 1})
+    run = driver.runs["r"]
+    assert _history(client, run, "val_dice") == [(4, 0.04), (8, 0.08), (12, 0.12), (16, 0.16)]
+    assert _history(client, run, "test_dice") == [(16, 0.5)]
+    # the replay of step 12 added only what step 12 did not hold yet
+    assert _history(client, run, "resumed_from") == [(12, 8), (16, 8)]
+
+    mark_orphans(client, exp, parent)  # the driver dies; a new one reopens the run
+    second = _driver(client, exp, parent)
+    second.on_trial_start(0, [], trial)
+    assert second.logged["r"][0] == 16
+    second.on_trial_result(0, [], trial, {"iteration": 16, "val_dice": 0.16, "test_dice": 0.5})
+    second.on_trial_result(0, [], trial, {"iteration": 20, "val_dice": 0.2})
+    assert _history(client, run, "val_dice") == [(4, 0.04), (8, 0.08), (12, 0.12), (16, 0.16), (20, 0.2)]
+    assert _history(client, run, "test_dice") == [(16, 0.5)]
