@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from buarl.errors import BuarlError  # noqa: E402
+from orchestrator.ray_env import apply_env_defaults, live_local_cluster, worker_runtime_env, write_bootstrap  # noqa: E402
 from orchestrator.redaction import redact  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
@@ -327,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     tracking_uri = args.tracking_uri or default_tracking_uri()
     storage = storage_dir(args)
+    if not args.address:
+        other = live_local_cluster()
+        if other:
+            return _fail(f"another Ray cluster is running on this machine ({other}), most likely another sweep. "
+                         "Two local clusters on one machine take each other's bootstrap address and their "
+                         "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
+                         "then start every sweep with --address auto")
     try:
         check_storage(storage)
         if "://" not in storage:
@@ -338,23 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     if "://" not in storage:
         write_sweep_state(Path(storage) / sweep, sweep, plan)
 
-    # The classic CLIReporter table (trimmed to the searched parameters and the metrics)
-    # instead of the new engine's per-trial result dumps; worker logs stay in Ray's files.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # By default Tune catches Ctrl-C, saves its state and returns from fit() as if the grid
-    # point had ended, and the sweep would start the next one. Let the interrupt reach the
-    # grid loop instead: Tune's periodic state and the trials' checkpoints are what --resume
-    # uses (the same as after a killed driver).
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    apply_env_defaults()
     import ray
     from orchestrator.trial import PACKAGES, code_digest
-    # Workers on a loaded machine (or a node still starting) can need more than Ray
-    # Train's default 60 s to come up; a timeout there looks like a hang of the trial.
-    runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
-                                os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")},
-                   # Workers run this driver's buarl and orchestrator (a snapshot, a dirty
-                   # checkout), never a node's installed copy; their results name the code.
-                   "py_modules": [str(p) for p in PACKAGES], "excludes": ["__pycache__"]}
+    runtime_env = worker_runtime_env(PACKAGES)
     digest = code_digest()
     if args.address:
         ray.init(address=args.address, log_to_driver=False, runtime_env=runtime_env)
@@ -363,10 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         # clean up placement groups; without it a finished trial spins on errors.
         ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env=runtime_env)
-        # Ray Train's placement-group cleaner finds the cluster through the bootstrap file that
-        # `ray start` writes but `ray.init` does not; a stale file from an earlier cluster makes
-        # it fail and leak the finished trial's resources, so the next trial waits forever.
-        ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address)
+        write_bootstrap(ray.get_runtime_context().gcs_address)
     if args.address:
         total = ray.cluster_resources()
         r = plan.space.resources

@@ -1,0 +1,63 @@
+"""What the sweep needs from Ray's environment, in one place: the environment defaults, the
+runtime environment of the workers, and the two private Ray helpers around the bootstrap
+address file (`tests/test_ray_env.py` fails if they move). Ray is imported lazily: the
+tables and the export never load it."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+ENV_DEFAULTS = {
+    # The classic CLIReporter table (trimmed to the searched parameters and the metrics)
+    # instead of the new engine's per-trial result dumps; worker logs stay in Ray's files.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # By default Tune catches Ctrl-C, saves its state and returns from fit() as if the grid
+    # point had ended, and the sweep would start the next one. Let the interrupt reach the
+    # grid loop instead: Tune's periodic state and the trials' checkpoints are what --resume
+    # uses (the same as after a killed driver).
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
+}
+
+
+def apply_env_defaults() -> None:
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def worker_runtime_env(packages: list[Path]) -> dict:
+    # Workers on a loaded machine (or a node still starting) can need more than Ray
+    # Train's default 60 s to come up; a timeout there looks like a hang of the trial.
+    return {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
+                         os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")},
+            # Workers run this driver's buarl and orchestrator (a snapshot, a dirty checkout),
+            # never a node's installed copy; their results name the code.
+            "py_modules": [str(p) for p in packages], "excludes": ["__pycache__"]}
+
+
+def bootstrap_file() -> Path:
+    """Where `ray start` (and this sweep) name the machine's current cluster."""
+    from ray._private.utils import get_ray_address_file
+    return Path(get_ray_address_file(None))
+
+
+def write_bootstrap(address: str) -> None:
+    """Ray Train's placement-group cleaner finds the cluster through the bootstrap file that
+    `ray start` writes but `ray.init` does not; a stale file from an earlier cluster makes it
+    fail and leak the finished trial's resources, so the next trial waits forever."""
+    from ray._private.utils import write_ray_address
+    write_ray_address(address)
+
+
+def live_local_cluster(path: Optional[Path] = None) -> Optional[str]:
+    """The address of a Ray cluster already running on this machine (the bootstrap file names
+    it and its GCS accepts a connection), or None (no file, or a stale one)."""
+    path = path or bootstrap_file()
+    try:
+        address = path.read_text().strip()
+        host, _, port = address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=1):
+            return address
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,37 @@
+"""The Ray environment the sweep relies on, and the refusal of a second local cluster."""
+import inspect
+import socket
+
+from orchestrator import ray_env
+from orchestrator.sweep import main as sweep_main
+
+
+def test_the_private_ray_helpers_the_sweep_uses_still_exist():
+    """The bootstrap-address helpers are private Ray API: an upgrade that moves them must fail here."""
+    from ray._private import utils
+    assert list(inspect.signature(utils.write_ray_address).parameters)[:1] == ["ray_address"]
+    assert ray_env.bootstrap_file().name == "ray_current_cluster"
+
+
+def test_a_live_cluster_is_found_and_a_stale_bootstrap_file_is_not(tmp_path):
+    file = tmp_path / "ray_current_cluster"
+    assert ray_env.live_local_cluster(file) is None  # no file
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        file.write_text(address)
+        assert ray_env.live_local_cluster(file) == address
+    assert ray_env.live_local_cluster(file) is None  # the cluster is gone: a stale file
+    file.write_text("garbage")
+    assert ray_env.live_local_cluster(file) is None
+
+
+def test_a_second_local_sweep_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("orchestrator.sweep.live_local_cluster", lambda: "127.0.0.1:6379")
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another Ray cluster is running on this machine (127.0.0.1:6379)" in err
+    assert "--address auto" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "m.db").exists()
