@@ -328,13 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     tracking_uri = args.tracking_uri or default_tracking_uri()
     storage = storage_dir(args)
-    if not args.address:
-        other = live_local_cluster()
-        if other:
-            return _fail(f"another Ray cluster is running on this machine ({other}), most likely another sweep. "
-                         "Two local clusters on one machine take each other's bootstrap address and their "
-                         "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
-                         "then start every sweep with --address auto")
     try:
         check_storage(storage)
         if "://" not in storage:
@@ -343,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     except (StorageError, SpaceError) as e:
         return _fail(str(e))
 
+    if not args.address:
+        other = live_local_cluster()
+        if other:
+            return _fail(f"another Ray cluster is running on this machine ({other}), most likely another sweep. "
+                         "Two local clusters on one machine take each other's bootstrap address and their "
+                         "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
+                         "then start every sweep with --address auto")
     if "://" not in storage:
         write_sweep_state(Path(storage) / sweep, sweep, plan)
 
