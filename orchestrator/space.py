@@ -64,7 +64,7 @@ class Grid(_Strict):
 
 class Scheduler(_Strict):
     type: Literal["asha"] = "asha"
-    grace_period: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
@@ -248,7 +248,7 @@ def describe(plan: Plan) -> str:
             lines.append(f"    - {key}: {d.type} {rng}")
     lines += [f"  trials: {plan.trials_per_point} per grid point, {plan.total_trials} in total",
               f"  iteration budget: {per_trial} per trial, {sum(budgets) * plan.trials_per_point} in total",
-              f"  metric: {s.metric} ({s.mode})" + (f", ASHA grace {s.scheduler.grace_period}" if s.scheduler else ""),
+              f"  metric: {s.metric} ({s.mode})" + (f", ASHA grace {s.scheduler.grace_period} evaluations" if s.scheduler else ""),
               f"  resources: {r.workers} worker(s) x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU per trial; "
               f"{plan.at_once} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker"]
     if 0 < r.gpus_per_worker < 1:

@@ -270,8 +270,10 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
             # would otherwise propose identical hyperparameters).
             seed = zlib.crc32(f"{sweep}/{point.name}".encode()) % 2**31
             search = ConcurrencyLimiter(OptunaSearch(metric=s.metric, mode=s.mode, seed=seed), plan.max_concurrent)
-        scheduler = ASHAScheduler(grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor) \
-            if s.scheduler else None
+        # Rungs count evaluations (results also arrive at every log step); trials end by
+        # their own schedule, never at ASHA's default max_t of 100.
+        scheduler = ASHAScheduler(time_attr="evaluations", max_t=10 ** 9, grace_period=s.scheduler.grace_period,
+                                  reduction_factor=s.scheduler.reduction_factor) if s.scheduler else None
         tuner = tune.Tuner(
             trainable, param_space=param_space(plan),
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,

@@ -100,7 +100,7 @@ def mark_orphans(client, experiment_id: str, parent_id: str) -> int:
 
 
 def _numeric(result: dict) -> dict[str, float]:
-    skip = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+    skip = {"done", "report", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
             "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total"}
     return {k: float(v) for k, v in result.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
@@ -224,6 +224,8 @@ class MlflowTrials(Callback):
         now = int(time.time() * 1000)
         last, at_last = self.logged.get(trial.trial_id, (-1, set()))
         values = {k: v for k, v in _numeric(result).items() if v == v}
+        if result.get("report") == 0:  # a log between evaluations: its training scalars only
+            values = {k: v for k, v in values.items() if k.startswith("train_")}
         if step < last:
             values = {}  # a replayed evaluation: already in the run
         elif step == last:

@@ -53,10 +53,19 @@ class RayReporter(Reporter):
         self.scalars: dict[str, float] = {}
         self.state: Optional[dict] = None
         self.resumed_from = 0  # the iteration this worker's loop was restored at (0: a fresh start)
+        # the last evaluation, repeated in every log report: Tune's searcher and scheduler read
+        # the space's metric from each result
+        self.last_eval: dict = {"val_dice": 0.0, "best_val_dice": 0.0}
+        self.evaluations = 0
         self.digest = code_digest()  # reported with every result: which code this worker runs
 
     def log(self, step: int, scalars: dict) -> None:
+        """Every `log_every` iterations: the training scalars as a result of their own (no
+        checkpoint), so the run's charts have curves; the driver logs only their train_*
+        keys (`report`=0), the evaluation keys ride along for Tune."""
         self.scalars = {f"train_{k}": float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
+        self.train_api.report({**self.last_eval, **self.scalars, "iteration": step, "report": 0,
+                               "evaluations": self.evaluations, "done": 0})
 
     def _report(self, metrics: dict, files: dict[str, Any]) -> None:
         if self.rank != 0:  # every rank reports; rank 0 alone writes the checkpoint
@@ -69,8 +78,10 @@ class RayReporter(Reporter):
 
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
         self.state = state
-        self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest,
-                      "resumed_from": self.resumed_from},
+        self.evaluations += 1
+        self.last_eval = {k: metrics[k] for k in ("val_dice", "best_val_dice")}
+        self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest, "report": 1,
+                      "evaluations": self.evaluations, "resumed_from": self.resumed_from},
                      {STATE: lambda p: torch.save(state, p)})
 
     def restore(self) -> Optional[dict]:

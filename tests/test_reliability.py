@@ -202,6 +202,8 @@ def test_lost_worker_resumes_from_checkpoint(tmp_path):
     history = client.get_metric_history(run_id, "val_dice")
     steps = [m.step for m in history]
     assert sorted(steps) == list(range(4, 125, 4)), steps  # complete, and no step logged twice
+    losses = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(losses) == list(range(4, 125, 4)), losses  # a training curve at every log step, once
     resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from")]
     assert 4 <= max(resumed) <= killed, (resumed, killed)  # restored from a checkpoint, not restarted
 

@@ -136,3 +136,22 @@ def test_a_replayed_evaluation_is_logged_once(sweep):
     second.on_trial_result(0, [], trial, {"iteration": 20, "val_dice": 0.2})
     assert _history(client, run, "val_dice") == [(4, 0.04), (8, 0.08), (12, 0.12), (16, 0.16), (20, 0.2)]
     assert _history(client, run, "test_dice") == [(16, 0.5)]
+
+
+def test_a_log_report_adds_training_curves_only(sweep):
+    """Between evaluations a trial reports its training scalars with the last evaluation's
+    metrics riding along for Tune; the run gets the train_* points, not copies of val_dice."""
+    client, exp, parent = sweep
+    driver = _driver(client, exp, parent)
+    trial = _trial("l")
+    driver.on_trial_start(0, [], trial)
+    driver.on_trial_result(0, [], trial, {"iteration": 4, "val_dice": 0.3, "train_loss": 1.0, "report": 1})
+    for step, loss in ((6, 0.9), (8, 0.8)):
+        driver.on_trial_result(0, [], trial, {"iteration": step, "val_dice": 0.3, "best_val_dice": 0.3,
+                                              "train_loss": loss, "train_lr": 0.01, "report": 0})
+    driver.on_trial_result(0, [], trial, {"iteration": 8, "val_dice": 0.5, "train_loss": 0.8, "report": 1})
+    run = driver.runs["l"]
+    assert _history(client, run, "train_loss") == [(4, 1.0), (6, 0.9), (8, 0.8)]
+    assert _history(client, run, "train_lr") == [(6, 0.01), (8, 0.01)]
+    assert _history(client, run, "val_dice") == [(4, 0.3), (8, 0.5)]
+    assert "report" not in client.get_run(run).data.metrics
