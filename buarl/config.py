@@ -59,6 +59,13 @@ class Config(BaseModel):
     # skimage's label() default, used by BCP and UA-MT: 8-connectivity in 2-D, 26 in 3-D.
     lcc_connectivity: Literal["full", "face"] = "full"
     dice_smooth: float = Field(1e-10, gt=0.0, description="BCP's ACDC DiceLoss: 1e-10; its LA mask_DiceLoss: 1e-5")
+    # BCP's two Dice losses (unset: the dataset's own): `squared`, its ACDC DiceLoss (whole
+    # batch per class, p^2 + y^2 below); `linear`, its LA mask_DiceLoss (per image and
+    # class, p + y below).
+    dice_form: Optional[Literal["squared", "linear"]] = None
+    # BCP's pre-training loss (unset: the dataset's own): `regions`, ACDC's mix loss over the
+    # two pasted regions (weight 1 each); `whole`, LA's CE + Dice over the whole mixed image.
+    pretrain_loss: Optional[Literal["regions", "whole"]] = None
     paste_ratio: float = Field(2 / 3, gt=0.0, lt=1.0)
 
     # optimisation
@@ -97,6 +104,12 @@ class Config(BaseModel):
     def _per_base_defaults(cls, values: Any) -> Any:
         if isinstance(values, dict) and values.get("ema_warmup") is None:
             values = {**values, "ema_warmup": values.get("base", "bcp") == "mt"}
+        if isinstance(values, dict):
+            la = values.get("dataset") == "la"
+            if values.get("dice_form") is None:
+                values = {**values, "dice_form": "linear" if la else "squared"}
+            if values.get("pretrain_loss") is None:
+                values = {**values, "pretrain_loss": "whole" if la else "regions"}
         return values
 
     @model_validator(mode="after")

@@ -181,15 +181,16 @@ class Loop:
             return self.student(x.contiguous(memory_format=self.fmt), chunks).float()
 
     def loss(self, logits, target, weight, source) -> torch.Tensor:
-        return region_loss(logits, target, weight, source, self.cfg.dice_smooth)
+        return region_loss(logits, target, weight, source, self.cfg.dice_smooth, self.cfg.dice_form)
 
     def pretrain_step(self, x_l, y_l):
-        """BCP pre-training: labeled pairs copy-pasted into each other, both regions supervised."""
+        """BCP pre-training: labeled pairs copy-pasted into each other, both regions supervised
+        (ACDC: a loss per region; LA: one loss over the whole mixed image)."""
         half = x_l.shape[0] // 2
         m = box_mask(tuple(x_l.shape[2:]), self.cfg.paste_ratio, self.gen).to(x_l.device)
         x = mix(x_l[:half], x_l[half:], m)
         y = mix(y_l[:half], y_l[half:], m).long()
-        source = m.expand_as(y).float()
+        source = m.expand_as(y).float() if self.cfg.pretrain_loss == "regions" else torch.ones_like(y, dtype=torch.float)
         loss = self.loss(self.forward(x), y, torch.ones_like(source), source)
         return loss, {}
 

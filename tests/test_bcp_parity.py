@@ -226,3 +226,95 @@ def test_a_collapse_warns_and_foreground_fractions_are_logged(acdc_phantom, monk
     assert "below half of its best 0.800" in rec.warnings[0][1]
     assert all("val_fg" in m and "val_fg_true" in m for m in rec.metrics.values())
     assert all(0 <= s["pseudo_fg"] <= 1 for _, s in rec.logs if s["stage"] == "self")
+
+
+# ---- LA: BCP's own LA script (code/LA_BCP_train.py, utils/losses.py mask_DiceLoss) ----------
+
+def _bcp_la_dice(out, target, mask=None, smooth=1e-5):
+    """BCP's LA mask_DiceLoss written out: softmax, per image and class sums over voxels,
+    p + y below, the mean over images and classes (background included)."""
+    soft = torch.softmax(out, 1)
+    n, c = out.shape[:2]
+    total = 0.0
+    for i in range(n):
+        for k in range(c):
+            t = (target[i] == k).float()
+            m = torch.ones_like(t) if mask is None else mask[i].float()
+            inter = (soft[i, k] * t * m).sum()
+            union = ((soft[i, k] + t) * m).sum()
+            total = total + 1 - (2 * inter + smooth) / (union + smooth)
+    return total / (n * c)
+
+
+def test_la_dice_is_bcps_mask_dice_loss_per_image_with_p_plus_y():
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 2, 5, 4, 3, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 2, (2, 5, 4, 3), generator=g)
+    mask = (torch.rand(2, 5, 4, 3, generator=g) > 0.3).double()
+    got = soft_dice_loss(torch.softmax(out, 1), target, mask, smooth=1e-5, form="linear")
+    assert got.item() == pytest.approx(_bcp_la_dice(out, target, mask).item(), rel=1e-12)
+    # the ACDC form differs on the same tensors (so the switch matters)
+    assert abs(soft_dice_loss(torch.softmax(out, 1), target, mask, smooth=1e-5).item() - got.item()) > 1e-3
+    la, acdc = load_config("la"), load_config("acdc")
+    assert (la.dice_form, la.pretrain_loss, acdc.dice_form, acdc.pretrain_loss) == \
+        ("linear", "whole", "squared", "regions")
+
+
+def _la_cfg(root, **sets):
+    return load_config("phantom_la", {"data_root": str(root), "precision": "fp32", "url": False, "crl": False,
+                                      "log_every": 1, **sets})
+
+
+def test_la_pretraining_loss_is_ce_plus_dice_over_the_whole_mixed_volume(la_phantom):
+    loop = Loop(_la_cfg(la_phantom, pretrain_iters=1, iters=1), Reporter(), lambda m: m)
+    lab, _ = loop.sampler.next()
+    x_l, y_l = loop.data.batch(lab, loop.gen)
+    gen_state, rng_state = loop.gen.get_state(), torch.get_rng_state()
+    loss, _ = loop.pretrain_step(x_l, y_l)
+
+    loop.gen.set_state(gen_state)
+    torch.set_rng_state(rng_state)
+    from buarl.method.mixing import box_mask
+    img_mask = box_mask(tuple(x_l.shape[2:]), 2 / 3, loop.gen)  # 1 outside the box
+    volume = x_l[:1] * img_mask + x_l[1:] * (1 - img_mask)
+    label = (y_l[:1] * img_mask + y_l[1:] * (1 - img_mask)).long()
+    out = loop.core(volume)
+    expected = (F.cross_entropy(out, label) + _bcp_la_dice(out, label)) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_la_bcp_loss_equals_bcps_la_mix_loss(la_phantom):
+    loop = Loop(_la_cfg(la_phantom, pretrain_iters=0, iters=1), Reporter(), lambda m: m)
+    lab, unl = loop.sampler.next()
+    x_l, y_l = loop.data.batch(lab, loop.gen)
+    x_u = loop.data.batch(unl, loop.gen)[0]
+    gen_state, rng_state = loop.gen.get_state(), torch.get_rng_state()
+    loss, _ = loop.bcp_step(x_l, y_l, x_u, t=0)
+
+    loop.gen.set_state(gen_state)
+    torch.set_rng_state(rng_state)
+    teacher, model = loop.teacher.train(), loop.core
+    with torch.no_grad():  # BCP's LA get_cut_mask: p(class 1) >= 0.5, largest 26-connected component
+        plab = []
+        for u in (x_u[:1], x_u[1:]):
+            fg = (teacher(u).softmax(1)[:, 1] >= 0.5).numpy()[0]
+            lab_ids, n = ndimage.label(fg, np.ones((3, 3, 3)))
+            keep = lab_ids == 1 + np.argmax(np.bincount(lab_ids.flat)[1:]) if n else fg
+            plab.append(torch.from_numpy(keep[None].astype(np.int64)))
+    from buarl.method.mixing import box_mask
+    img_mask = box_mask(tuple(x_l.shape[2:]), 2 / 3, loop.gen)
+    loss_mask = img_mask.expand(1, *img_mask.shape)
+
+    def mix_loss(out, img_l, patch_l, mask, u_weight=0.5, unlab=False):  # BCP_utils.mix_loss
+        image_w, patch_w = (u_weight, 1.0) if unlab else (1.0, u_weight)
+        dice = _bcp_la_dice(out, img_l, mask) * image_w + _bcp_la_dice(out, patch_l, 1 - mask) * patch_w
+        ce = image_w * (F.cross_entropy(out, img_l, reduction="none") * mask).sum() / (mask.sum() + 1e-16) + \
+            patch_w * (F.cross_entropy(out, patch_l, reduction="none") * (1 - mask)).sum() / ((1 - mask).sum() + 1e-16)
+        return (dice + ce) / 2
+
+    # the loop pairs the halves as BCP's ACDC script (unlabeled outside the box first); the
+    # LA script's order swaps which draw is which, the same two kinds of mixed volume
+    out_1 = model(x_u[:1] * img_mask + x_l[:1] * (1 - img_mask))
+    out_2 = model(x_l[1:] * img_mask + x_u[1:] * (1 - img_mask))
+    expected = mix_loss(out_1, plab[0], y_l[:1], loss_mask, unlab=True) + mix_loss(out_2, y_l[1:], plab[1], loss_mask)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -17,11 +17,18 @@ SMOOTH = 1e-10  # BCP's ACDC DiceLoss smoothing (config key `dice_smooth`)
 
 
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                   smooth: float = SMOOTH) -> torch.Tensor:
-    """1 - Dice per class with a pixel mask, averaged over all classes (BCP's DiceLoss)."""
+                   smooth: float = SMOOTH, form: str = "squared") -> torch.Tensor:
+    """1 - Dice with a pixel mask, averaged over all classes (background included).
+    `squared`: BCP's ACDC DiceLoss, per class over the whole batch, p^2 + y^2 below.
+    `linear`: BCP's LA mask_DiceLoss, per image and class, p + y below, then the mean."""
     c = probs.shape[1]
     onehot = F.one_hot(target, c).movedim(-1, 1).to(probs.dtype)
     m = mask.unsqueeze(1)
+    if form == "linear":
+        dims = list(range(2, probs.dim()))
+        inter = (probs * onehot * m).sum(dims)
+        union = ((probs + onehot) * m).sum(dims)
+        return (1 - (2 * inter + smooth) / (union + smooth)).mean()
     dims = [0] + list(range(2, probs.dim()))
     inter = (probs * onehot * m).sum(dims)
     y = (onehot * onehot * m).sum(dims)
@@ -30,7 +37,7 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                source: torch.Tensor, smooth: float = SMOOTH) -> torch.Tensor:
+                source: torch.Tensor, smooth: float = SMOOTH, form: str = "squared") -> torch.Tensor:
     """logits (B, C, ...), target (B, ...) long, weight and source (B, ...) float."""
     logits = logits.float()
     probs = torch.softmax(logits, 1)
@@ -42,7 +49,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
         area = region.sum().clamp(min=1.0)
         m = weight * region
         ce_r = (m * ce).sum() / area
-        dice_r = (m.sum() / area) * soft_dice_loss(probs, target, m, smooth)
+        dice_r = (m.sum() / area) * soft_dice_loss(probs, target, m, smooth, form)
         total = total + (ce_r + dice_r) / 2
     return total
 
