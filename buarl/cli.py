@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from buarl.config import SHIPPED, load_config, parse_overrides
 from buarl.errors import BuarlError, ConfigError, TrainingDiverged
@@ -52,21 +51,21 @@ def _train(args) -> int:
     cfg = resolve(args.config, args.set, args.data_root)
     name = Path(args.config).stem if args.config not in SHIPPED else args.config
     out = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    for existing in ("best.pt", "metrics.json"):
+    from buarl import run_folder
+    for existing in (run_folder.BEST, run_folder.METRICS):
         if (out / existing).exists():
             raise ConfigError(f"--out {out}: already holds a finished run ({existing}); "
                               "choose a new folder so nothing is overwritten")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
-    run = {"command": " ".join(shlex.quote(a) for a in sys.argv), "seed": cfg.seed,
-           "data_root": cfg.data_root, **environment()}
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    run_folder.write_config(out, cfg)
+    run_folder.write_run_info(out, {"command": " ".join(shlex.quote(a) for a in sys.argv), "seed": cfg.seed,
+                                    "data_root": cfg.data_root, **environment()})
     print(f"run folder {out} (config.yaml, run.json, train.log, best.pt, metrics.json)")
     started = time.time()
     try:
         metrics = train(cfg, LocalReporter(cfg, out))
     except BaseException as e:  # the run folder says why it ended, not only the terminal
-        with (out / "train.log").open("a") as log:
+        with (out / run_folder.LOG).open("a") as log:
             log.write(f"ERROR: run ended with {type(e).__name__}: {e}\n")
         raise
     summary = {k: metrics[k] for k in ("dice", "jaccard", "hd95", "asd", "empty_predictions",

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ import yaml
 from torch import nn
 
 from buarl.checkpoint import save_atomic
+from buarl import run_folder
 from buarl.config import Config, validate
 from buarl.errors import BuarlError, ConfigError
 
@@ -66,10 +66,10 @@ def write_model(out: Path, weights: dict, cfg: Config, metrics: Optional[dict], 
         raise ConfigError(f"--out {out}: already holds {', '.join(taken)}; pass --overwrite or choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     save_atomic({"format": FORMAT, "weights": weights}, out / "model.pt")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    run_folder.write_config(out, cfg)
     (out / "README.md").write_text(model_card(cfg, metrics, origin))
     if metrics:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        run_folder.write_metrics(out, metrics)
     return out
 
 

@@ -1,13 +1,12 @@
 """The console/file reporter used by `buarl train` (the Ray one lives in orchestrator/)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
-from buarl.checkpoint import save_best
+from buarl import run_folder
 from buarl.config import Config
 from buarl.train import Reporter
 
@@ -28,7 +27,7 @@ class LocalReporter(Reporter):
 
     def __init__(self, cfg: Config, out: Path, stream: TextIO | None = None):
         self.cfg, self.out, self.stream = cfg, Path(out), stream or sys.stdout
-        self.log_file = (self.out / "train.log").open("a")
+        self.log_file = (self.out / run_folder.LOG).open("a")
         self.started = time.time()
         self.total = cfg.iters + (cfg.pretrain_iters if cfg.base == "bcp" else 0)
         self.last_val: float | None = None
@@ -64,15 +63,15 @@ class LocalReporter(Reporter):
         self._say(f"it {step:>6} val_dice={metrics['val_dice']:.4f} val_fg={metrics['val_fg']:.4f}"
                   f" (true {metrics['val_fg_true']:.4f}){mark}")
         if is_best:
-            save_best(self.out / "best.pt", state["best_weights"], self.cfg, step, metrics["val_dice"])
+            run_folder.write_best(self.out, state["best_weights"], self.cfg, step, metrics["val_dice"])
 
     def warn(self, step: int, message: str) -> None:
         self._say(f"WARNING it {step}: {message}")
 
     def finish(self, metrics: dict, best_weights: dict) -> None:
-        if not (self.out / "best.pt").exists():  # no validation improved: keep the final weights
-            save_best(self.out / "best.pt", best_weights, self.cfg, metrics["iterations"], float("nan"))
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if not (self.out / run_folder.BEST).exists():  # no validation improved: keep the final weights
+            run_folder.write_best(self.out, best_weights, self.cfg, metrics["iterations"], float("nan"))
+        run_folder.write_metrics(self.out, metrics)
         if self.bar is not None:
             self.bar.close()
             self.bar = None

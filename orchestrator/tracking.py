@@ -18,6 +18,7 @@ from typing import Optional
 
 from ray.tune import Callback
 
+from buarl import run_folder
 from buarl.errors import BuarlError
 from orchestrator.names import TAG_DIGEST, TAG_POINT, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
 from orchestrator.redaction import redact  # noqa: F401 (re-exported)
@@ -254,11 +255,11 @@ class MlflowTrials(Callback):
         if path:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = copy_checkpoint(path, Path(tmp))
-                for name in ("config.yaml", "metrics.json", "best.pt", "regions.png"):
+                for name in run_folder.ARTIFACTS:
                     if (folder / name).exists():
                         self.client.log_artifact(run_id, str(folder / name))
-                if (folder / "best.pt").exists():
-                    log_pytorch_model(self.client, run_id, folder / "best.pt", Path(tmp) / "mlflow_model")
+                if (folder / run_folder.BEST).exists():
+                    log_pytorch_model(self.client, run_id, folder / run_folder.BEST, Path(tmp) / "mlflow_model")
         diverged = bool(last.get("diverged"))
         if diverged:
             self.client.set_tag(run_id, "buarl.status", "diverged")

@@ -6,16 +6,14 @@ restarted trial finds its own checkpoints) and calls `.fit()`. Each worker runs
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Callable, Optional
 
 import torch
-import yaml
 
 import buarl
-from buarl.checkpoint import save_best
+from buarl import run_folder
 from buarl.config import Config, validate
 from buarl.data import load_benchmark
 from buarl.errors import TrainingDiverged
@@ -67,13 +65,12 @@ class RayReporter(Reporter):
         self.train_api.report({**self.last_eval, **self.scalars, "iteration": step, "report": 0,
                                "evaluations": self.evaluations, "done": 0})
 
-    def _report(self, metrics: dict, files: dict[str, Any]) -> None:
+    def _report(self, metrics: dict, write: Callable[[Path], None]) -> None:
         if self.rank != 0:  # every rank reports; rank 0 alone writes the checkpoint
             self.train_api.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            for name, write in files.items():
-                write(Path(d) / name)
+            write(Path(d))
             self.train_api.report(metrics, checkpoint=self.train_api.Checkpoint.from_directory(d))
 
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
@@ -82,7 +79,7 @@ class RayReporter(Reporter):
         self.last_eval = {k: metrics[k] for k in ("val_dice", "best_val_dice")}
         self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest, "report": 1,
                       "evaluations": self.evaluations, "resumed_from": self.resumed_from},
-                     {STATE: lambda p: torch.save(state, p)})
+                     lambda folder: torch.save(state, folder / STATE))
 
     def restore(self) -> Optional[dict]:
         ckpt = self.train_api.get_checkpoint()
@@ -100,20 +97,11 @@ class RayReporter(Reporter):
                  "iteration": metrics["iterations"],
                  "train_seconds": metrics["train_seconds"], "done": 1, "code_digest": self.digest}
 
-        def regions(p: Path) -> None:
-            from buarl.nets import build
-            from buarl.visualize import region_grid
-            model = build(self.cfg.dataset, self.cfg.num_classes)
-            model.load_state_dict(best_weights)
-            region_grid(model, self.preview_cases, self.cfg, torch.device("cpu"), p)
-
-        files = {"best.pt": lambda p: save_best(p, best_weights, self.cfg, metrics["best_step"], metrics["best_val_dice"]),
-                 "config.yaml": lambda p: p.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=True)),
-                 "metrics.json": lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"),
-                 "regions.png": regions}
-        if self.state is not None:  # a restart after the end resumes straight to the end
-            files[STATE] = lambda p: torch.save(self.state, p)
-        self._report(final, files)
+        def write(folder: Path) -> None:
+            run_folder.write_final(folder, self.cfg, metrics, best_weights, self.preview_cases)
+            if self.state is not None:  # a restart after the end resumes straight to the end
+                torch.save(self.state, folder / STATE)
+        self._report(final, write)
 
 
 def train_worker(loop_config: dict) -> None:

@@ -1,5 +1,4 @@
 """Faults and bad input: refused early with one clear line, nothing lost (issue: reliability)."""
-import json
 import os
 import subprocess
 import sys

@@ -1,11 +1,9 @@
 """Sweeps on a local Ray cluster: MLflow runs, Optuna sampling, DDP, resume."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest

@@ -214,3 +214,25 @@ def test_progress_is_one_updating_line_on_a_terminal(tmp_path):
     assert shown.count("it     30 val_dice=0.2500") == 1  # the evaluation printed once, above the bar
     log = (tmp_path / "train.log").read_text().splitlines()
     assert [ln.split("] ", 1)[1][:22] for ln in log] == ["it     10 loss=0.5 sta", "it     30 val_dice=0.2", "it     40 loss=0.4 sta"]
+
+
+def test_one_writer_names_the_run_files(tmp_path, acdc_phantom):
+    """buarl/run_folder.py writes what `buarl train`, a Ray trial's checkpoint and MLflow's
+    artifacts hold; the files read back as a checkpoint, a config and the metrics."""
+    import json
+
+    from buarl import run_folder
+    from buarl.checkpoint import config_of, read
+    from buarl.config import load_config
+    from buarl.data import load_benchmark
+    from buarl.nets import build
+
+    cfg = load_config("phantom", {"data_root": str(acdc_phantom)})
+    weights = build("acdc", 4).state_dict()
+    metrics = {"best_step": 6, "best_val_dice": 0.25, "dice": 0.5}
+    run_folder.write_final(tmp_path, cfg, metrics, weights, load_benchmark(cfg).val[:1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(run_folder.ARTIFACTS)
+    best = read(tmp_path / run_folder.BEST)
+    assert best["step"] == 6 and best["val_dice"] == 0.25 and config_of(best, tmp_path / "best.pt") == cfg
+    assert json.loads((tmp_path / run_folder.METRICS).read_text()) == metrics
+    assert (tmp_path / run_folder.REGIONS).stat().st_size > 1000
