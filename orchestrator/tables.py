@@ -67,7 +67,7 @@ def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     if trials.empty:
         raise TablesError(f"experiment {what} has no FINISHED trial runs")
     trials = trials.sort_values("end_time").drop_duplicates("tags.buarl.trial_id", keep="last")
-    # Runs from before the switch existed trained the pseudo-label form.
+    # A run without the param was logged by code that knew only the pseudo-label form.
     consistency = trials.get("params.mt_consistency", pd.Series("pseudo", index=trials.index)).fillna("pseudo")
     trials["method"] = [method_name(b, _bool(u), _bool(c), m) for b, u, c, m in
                         zip(trials["params.base"], trials["params.url"], trials["params.crl"], consistency)]
