@@ -15,6 +15,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -305,18 +306,13 @@ def summarise(results: dict, plan: Plan, sweep: str, storage: str, tracking_uri:
     return "\n".join(lines), best_rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        plan, sweep = prepare(args)
-    except BuarlError as e:
-        return _fail(str(e))
-    print(describe(plan), flush=True)
-    if args.dry_run:
-        return 0
+class Refused(BuarlError):
+    """The sweep cannot start here as asked (one line for the user, exit 2)."""
 
-    from orchestrator.tracking import (StorageError, default_tracking_uri, experiment, mark_orphans,
-                                       open_store, parent_run)
+
+def locate_data(plan: Plan) -> None:
+    """The phantom's folder when no --data-root is given; then the dataset's own checks,
+    in the driver, before Ray starts."""
     if plan.phantom:
         from buarl.config import Config
         from buarl.data import resolve_root
@@ -324,50 +320,61 @@ def main(argv: list[str] | None = None) -> int:
         plan.base["data_root"] = str(root)
         print(f"no --data-root: running on the built-in phantom at {root}\n"
               f"  (point at real data with --data-root, e.g. --data-root ../shared/data/ACDC)", flush=True)
-    try:
-        check_data(plan)
-    except BuarlError as e:
-        return _fail(str(e))
+    check_data(plan)
+
+
+def open_outputs(args, plan: Plan, sweep: str):
+    """The results folder and the tracking store, checked before anything is written, and
+    this machine free of another local cluster; then the sweep's own state is recorded."""
+    from orchestrator.tracking import default_tracking_uri, open_store
     tracking_uri = args.tracking_uri or default_tracking_uri()
     storage = storage_dir(args)
-    try:
-        check_storage(storage)
-        if "://" not in storage:
-            check_sweep_state(Path(storage) / sweep, sweep, plan, args.resume)
-        client = open_store(tracking_uri)
-    except (StorageError, SpaceError) as e:
-        return _fail(str(e))
-
+    check_storage(storage)
+    if "://" not in storage:
+        check_sweep_state(Path(storage) / sweep, sweep, plan, args.resume)
+    client = open_store(tracking_uri)
     if not args.address:
         other = live_local_cluster()
         if other:
-            return _fail(f"another Ray cluster is running on this machine ({other}), most likely another sweep. "
-                         "Two local clusters on one machine take each other's bootstrap address and their "
-                         "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
-                         "then start every sweep with --address auto")
+            raise Refused(f"another Ray cluster is running on this machine ({other}), most likely another sweep. "
+                          "Two local clusters on one machine take each other's bootstrap address and their "
+                          "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
+                          "then start every sweep with --address auto")
     if "://" not in storage:
         write_sweep_state(Path(storage) / sweep, sweep, plan)
+    return tracking_uri, storage, client
 
+
+def start_ray(args, plan: Plan) -> str:
+    """Join the given cluster or start a local one; returns the digest of the code the
+    workers run."""
     apply_env_defaults()
     import ray
     from orchestrator.trial import PACKAGES, code_digest
     runtime_env = worker_runtime_env(PACKAGES)
-    digest = code_digest()
     if args.address:
         ray.init(address=args.address, log_to_driver=False, runtime_env=runtime_env)
+        total = ray.cluster_resources()
+        r = plan.space.resources
+        for kind, need in (("CPU", r.workers * r.cpus_per_worker), ("GPU", r.workers * r.gpus_per_worker)):
+            if need > total.get(kind, 0):
+                raise Refused(f"{plan.space_file}: resources: one trial needs {need:g} {kind}s but the cluster at "
+                              f"{args.address} offers {total.get(kind, 0):g}")
     else:
         # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
         # clean up placement groups; without it a finished trial spins on errors.
         ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env=runtime_env)
         write_bootstrap(ray.get_runtime_context().gcs_address)
-    if args.address:
-        total = ray.cluster_resources()
-        r = plan.space.resources
-        for kind, need in (("CPU", r.workers * r.cpus_per_worker), ("GPU", r.workers * r.gpus_per_worker)):
-            if need > total.get(kind, 0):
-                return _fail(f"{plan.space_file}: resources: one trial needs {need:g} {kind}s but the cluster at "
-                             f"{args.address} offers {total.get(kind, 0):g}")
+    return code_digest()
+
+
+def open_parent_run(args, plan: Plan, sweep: str, client, storage: str, tracking_uri: str,
+                    digest: str) -> tuple[str, str]:
+    """The experiment and the sweep's parent run, with its provenance tags; on --resume the
+    trial runs a killed driver left RUNNING are marked KILLED."""
+    from buarl.provenance import code_version, git_commit
+    from orchestrator.tracking import experiment, mark_orphans, parent_run
     exp_id = experiment(client, plan.space.name, tracking_uri)
     parent = parent_run(client, exp_id, sweep, args.resume,
                         {"space": plan.space_file, "data_root": plan.base.get("data_root"), "storage": storage,
@@ -377,14 +384,19 @@ def main(argv: list[str] | None = None) -> int:
         n = mark_orphans(client, exp_id, parent)
         if n:
             print(f"marked {n} orphaned RUNNING trial run(s) KILLED (their trials resume into them)", flush=True)
-    from buarl.provenance import code_version, git_commit
     client.set_tag(parent, "buarl.code_version", code_version())
     commit = git_commit()
     if commit:  # MLflow's own provenance tag: the UI links runs to the source revision
         client.set_tag(parent, "mlflow.source.git.commit", commit)
     client.set_tag(parent, "buarl.code_digest", digest)
+    return exp_id, parent
 
-    started, results, status = time.time(), {}, "FINISHED"
+
+def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, parent: str,
+             digest: str) -> Optional[dict]:
+    """Every grid point in turn; the parent run ends FINISHED, KILLED (Ctrl-C: returns None)
+    or FAILED (a grid point raised)."""
+    results, status = {}, "FINISHED"
     try:
         for point in plan.points:
             print(f"\n=== grid point {point.name} ===", flush=True)
@@ -392,12 +404,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         status = "KILLED"
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
-        return 130
+        return None
     except BaseException:
         status = "FAILED"  # a grid point that raised leaves no FINISHED sweep behind
         raise
     finally:
         client.set_terminated(parent, status=status)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        plan, sweep = prepare(args)
+        print(describe(plan), flush=True)
+        if args.dry_run:
+            return 0
+        locate_data(plan)
+        tracking_uri, storage, client = open_outputs(args, plan, sweep)
+        digest = start_ray(args, plan)
+    except BuarlError as e:
+        return _fail(str(e))
+    exp_id, parent = open_parent_run(args, plan, sweep, client, storage, tracking_uri, digest)
+    started = time.time()
+    results = run_grid(args, plan, sweep, storage, client, exp_id, parent, digest)
+    if results is None:
+        return 130
     text, best = summarise(results, plan, sweep, redact(storage), redact(tracking_uri))
     client.log_text(parent, json.dumps(best, indent=2, default=str), "best_per_grid_point.json")
     print(text + f"\n(done in {time.time() - started:.0f} s)")
