@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
 
 from buarl.errors import BuarlError  # noqa: E402
 from orchestrator.ray_env import apply_env_defaults, live_local_cluster, worker_runtime_env, write_bootstrap  # noqa: E402
+from orchestrator import studies  # noqa: E402
 from orchestrator.redaction import redact  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
@@ -46,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="GLOB",
                    help="leave out the grid points whose name matches (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--warm-start", metavar="SWEEP",
+                   help="start each grid point's Optuna study from the trials of an earlier sweep (same --storage)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit without starting Ray")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="extra fixed config overrides for every trial")
@@ -156,6 +159,11 @@ def check_sweep_state(folder: Path, sweep: str, plan: Plan, resume: bool) -> Non
         if saved.get("name") != sweep or saved.get("space_digest") != space_digest(plan):
             raise SpaceError(f"--resume: {folder} was started from another space (or as another sweep: "
                              f"{saved.get('name')!r}); resume it with its own space, or start anew with --name NEW")
+        planned = saved.get("trials_per_point")
+        if planned is not None and planned != plan.trials_per_point:
+            raise SpaceError(f"--resume: sweep {sweep!r} was planned with {planned} trial(s) per grid point, not "
+                             f"{plan.trials_per_point}: a sweep does not grow on --resume. Continue its search in a "
+                             f"new sweep: --name NEW --warm-start {sweep} --num-samples N")
 
 
 def write_sweep_state(folder: Path, sweep: str, plan: Plan) -> None:
@@ -163,7 +171,8 @@ def write_sweep_state(folder: Path, sweep: str, plan: Plan) -> None:
     state = folder / "buarl_sweep.json"
     if not state.exists():
         state.write_text(json.dumps({"name": sweep, "space_digest": space_digest(plan),
-                                     "space_file": plan.space_file}, indent=2) + "\n")
+                                     "space_file": plan.space_file, "trials_per_point": plan.trials_per_point},
+                                    indent=2) + "\n")
 
 
 def check_data(plan: Plan) -> None:
@@ -270,7 +279,11 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
             # Each study gets its own reproducible sampler seed (grid points sharing a run seed
             # would otherwise propose identical hyperparameters).
             seed = zlib.crc32(f"{sweep}/{point.name}".encode()) % 2**31
-            search = ConcurrencyLimiter(OptunaSearch(metric=s.metric, mode=s.mode, seed=seed), plan.max_concurrent)
+            # The study lives in the sweep's optuna.db (optuna-dashboard, --warm-start), one per grid point.
+            url = studies.storage_url(f"{storage}/{sweep}")
+            optuna_kwargs = {"storage": studies.rdb(url), "study_name": point.name} if url else {}
+            search = ConcurrencyLimiter(OptunaSearch(metric=s.metric, mode=s.mode, seed=seed, **optuna_kwargs),
+                                        plan.max_concurrent)
         # Rungs count evaluations (results also arrive at every log step); trials end by
         # their own schedule, never at ASHA's default max_t of 100.
         scheduler = ASHAScheduler(time_attr="evaluations", max_t=10 ** 9, grace_period=s.scheduler.grace_period,
@@ -303,6 +316,10 @@ def summarise(results: dict, plan: Plan, sweep: str, storage: str, tracking_uri:
               f"MLflow:       {tracking_uri}  (experiment '{plan.space.name}', parent run '{sweep}')",
               f"Compare runs: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {free_port()}",
               f"Tables:       buarl-tables --experiment {plan.space.name} --tracking-uri {tracking_uri}"]
+    url = studies.storage_url(f"{storage}/{sweep}")
+    if plan.space.search and url:
+        lines.append(f"Studies:      optuna-dashboard {url}   (pip install optuna-dashboard; continue the search "
+                     f"with --name NEW --warm-start {sweep})")
     return "\n".join(lines), best_rows
 
 
@@ -333,6 +350,11 @@ def open_outputs(args, plan: Plan, sweep: str):
     if "://" not in storage:
         check_sweep_state(Path(storage) / sweep, sweep, plan, args.resume)
     client = open_store(tracking_uri)
+    if args.warm_start:
+        if "://" in storage or not plan.space.search:
+            raise Refused(f"--warm-start needs a local --storage and a space with a search "
+                          f"({plan.space_file} {'has one' if plan.space.search else 'has none'})")
+        studies.check_warm_start(Path(storage) / args.warm_start, args.warm_start)
     if not args.address:
         other = live_local_cluster()
         if other:
@@ -342,6 +364,12 @@ def open_outputs(args, plan: Plan, sweep: str):
                           "then start every sweep with --address auto")
     if "://" not in storage:
         write_sweep_state(Path(storage) / sweep, sweep, plan)
+        if args.warm_start and not args.resume:
+            copied = studies.warm_start(Path(storage) / args.warm_start, studies.storage_url(f"{storage}/{sweep}"),
+                                        [p.name for p in plan.points])
+            for point, n in copied.items():
+                print(f"[{point}] Optuna study warm-started with {n} finished trial(s) of sweep {args.warm_start!r}",
+                      flush=True)
     return tracking_uri, storage, client
 
 

@@ -58,6 +58,27 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
         for _, g in children.groupby("tags.buarl.grid_point"):
             a, b = g.sort_values("start_time").itertuples()
             assert b.start_time < a.end_time, "the two trials of a grid point did not overlap"
+    # each grid point's Optuna study is persisted in the sweep's optuna.db, and a new sweep
+    # warm-started from it continues that study: 2 finished trials copied + 1 new
+    import optuna
+    db = f"sqlite:///{tmp_path / 'ray' / 'sweep' / 'optuna.db'}"
+    done = optuna.trial.TrialState.COMPLETE
+    assert {s.study_name: len(optuna.load_study(study_name=s.study_name, storage=db).get_trials(states=(done,)))
+            for s in optuna.get_all_study_summaries(db)} == {"labeled=2_seed=1337": 2, "labeled=3_seed=1337": 2}
+    assert "optuna-dashboard " + db in out.stdout
+    grown = subprocess.run(cmd + ["--name", "grown", "--warm-start", "sweep", "--num-samples", "1",
+                                  "--only", "labeled=2*"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900)
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert "warm-started with 2 finished trial(s) of sweep 'sweep'" in grown.stdout
+    study = optuna.load_study(study_name="labeled=2_seed=1337",
+                              storage=f"sqlite:///{tmp_path / 'ray' / 'grown' / 'optuna.db'}")
+    assert len(study.get_trials(states=(done,))) == 3
+    # every trial's run holds a training curve, one point per log step
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(children.iloc[0]["run_id"], "train_loss")]
+    assert steps == sorted(set(steps)) and len(steps) >= 3, steps
     assert {p.name for p in (tmp_path / "ray" / "sweep").iterdir() if p.name.startswith("labeled=")} == {
         "labeled=2_seed=1337", "labeled=3_seed=1337"}
     for col in ("test_dice", "test_jaccard", "test_dice_RV", "best_val_dice"):
