@@ -344,3 +344,22 @@ def test_a_kill_mid_write_leaves_the_previous_best_intact(tmp_path, monkeypatch)
         save_best(tmp_path / "best.pt", {"w": torch.zeros(3)}, cfg, 20, 0.9)
     kept = read(tmp_path / "best.pt")
     assert kept["step"] == 10 and torch.equal(kept["weights"]["w"], torch.ones(3))
+
+
+def test_a_grid_point_that_raises_leaves_the_parent_run_failed(tmp_path, monkeypatch):
+    """No Ray needed: the grid loop itself is under test (issue 15 item 6)."""
+    import orchestrator.sweep as sweep
+
+    monkeypatch.setattr(sweep, "start_ray", lambda args, plan: "digest")
+    monkeypatch.setattr(sweep, "live_local_cluster", lambda: None)
+
+    def boom(*a, **k):
+        raise RuntimeError("a grid point failed")
+    monkeypatch.setattr(sweep, "run_point", boom)
+    with pytest.raises(RuntimeError, match="a grid point failed"):
+        sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    parents = mlflow.search_runs(experiment_names=["phantom_tiny"])
+    assert parents["status"].tolist() == ["FAILED"] and parents["tags.buarl.role"].tolist() == ["sweep"]
