@@ -433,12 +433,30 @@ def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, pa
         status = "KILLED"
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
         return None
-    except BaseException:
+    except BaseException as e:
         status = "FAILED"  # a grid point that raised leaves no FINISHED sweep behind
+        if cluster_failure(e):
+            raise ClusterLost(
+                f"the Ray cluster failed under this sweep ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                "On a machine whose cores are taken by other work, Ray's own processes can miss their "
+                "heartbeats and die. Finished trials and the running trials' checkpoints are kept: rerun "
+                "the same command with --resume once the machine is free (or with a lower --max-concurrent)"
+            ) from e
         raise
     finally:
         client.set_terminated(parent, status=status)
     return results
+
+
+class ClusterLost(BuarlError):
+    """The cluster itself failed (not a trial): the sweep stops with a message, exit 1."""
+
+
+def cluster_failure(e: BaseException) -> bool:
+    """Ray's own processes died or stopped answering (as opposed to a trial's error)."""
+    import ray.exceptions as rx
+    return isinstance(e, (rx.RaySystemError, rx.LocalRayletDiedError, rx.NodeDiedError, rx.GetTimeoutError,
+                          ConnectionError))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,7 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     exp_id, parent = open_parent_run(args, plan, sweep, client, storage, tracking_uri, digest)
     started = time.time()
-    results = run_grid(args, plan, sweep, storage, client, exp_id, parent, digest)
+    try:
+        results = run_grid(args, plan, sweep, storage, client, exp_id, parent, digest)
+    except ClusterLost as e:
+        print(f"buarl-sweep: {e}", file=sys.stderr)
+        return 1
     if results is None:
         return 130
     text, best = summarise(results, plan, sweep, redact(storage), redact(tracking_uri))

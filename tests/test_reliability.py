@@ -363,3 +363,25 @@ def test_a_grid_point_that_raises_leaves_the_parent_run_failed(tmp_path, monkeyp
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
     parents = mlflow.search_runs(experiment_names=["phantom_tiny"])
     assert parents["status"].tolist() == ["FAILED"] and parents["tags.buarl.role"].tolist() == ["sweep"]
+
+
+def test_a_failing_cluster_is_named_and_resume_is_offered(tmp_path, monkeypatch, capsys):
+    """Ray's own processes dying under load reaches the user as one message with --resume,
+    the parent run FAILED (issue 14 item 12); a trial's own error still raises as it is."""
+    import ray.exceptions
+
+    import orchestrator.sweep as sweep
+
+    monkeypatch.setattr(sweep, "start_ray", lambda args, plan: "digest")
+    monkeypatch.setattr(sweep, "live_local_cluster", lambda: None)
+
+    def lost(*a, **k):
+        raise ray.exceptions.RaySystemError("Raylet died: heartbeat timed out")
+    monkeypatch.setattr(sweep, "run_point", lost)
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "the Ray cluster failed under this sweep (RaySystemError" in err and "--resume" in err
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    assert mlflow.search_runs(experiment_names=["phantom_tiny"])["status"].tolist() == ["FAILED"]
