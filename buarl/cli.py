@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from buarl.config import SHIPPED, load_config, parse_overrides
 from buarl.errors import BuarlError, ConfigError, TrainingDiverged
 

@@ -101,16 +101,16 @@ class Config(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _per_base_defaults(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("ema_warmup") is None:
-            values = {**values, "ema_warmup": values.get("base", "bcp") == "mt"}
-        if isinstance(values, dict):
-            la = values.get("dataset") == "la"
-            if values.get("dice_form") is None:
-                values = {**values, "dice_form": "linear" if la else "squared"}
-            if values.get("pretrain_loss") is None:
-                values = {**values, "pretrain_loss": "whole" if la else "regions"}
-        return values
+    def _per_base_and_dataset_defaults(cls, values: Any) -> Any:
+        """Unset switches take their reference's value: the EMA warm-up is the mean teacher's
+        (SSL4MIS), the Dice form and pre-training loss are BCP's per dataset."""
+        if not isinstance(values, dict):
+            return values
+        la = values.get("dataset") == "la"
+        defaults = {"ema_warmup": values.get("base", "bcp") == "mt",
+                    "dice_form": "linear" if la else "squared",
+                    "pretrain_loss": "whole" if la else "regions"}
+        return {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

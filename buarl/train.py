@@ -101,8 +101,7 @@ class Loop:
         self.rank, self.world = _rank()
         self.device = device_of(cfg)
         self.data = data if data is not None else load_benchmark(cfg)
-        if hasattr(self.data, "to"):
-            self.data.to(self.device)
+        self.data.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.dim = self.data.dim

@@ -351,9 +351,10 @@ def open_outputs(args, plan: Plan, sweep: str):
         check_sweep_state(Path(storage) / sweep, sweep, plan, args.resume)
     client = open_store(tracking_uri)
     if args.warm_start:
-        if "://" in storage or not plan.space.search:
-            raise Refused(f"--warm-start needs a local --storage and a space with a search "
-                          f"({plan.space_file} {'has one' if plan.space.search else 'has none'})")
+        if not plan.space.search:
+            raise Refused(f"--warm-start: {plan.space_file} has no search, so no Optuna study to continue")
+        if "://" in storage:
+            raise Refused(f"--warm-start needs a local --storage (the studies live there), not {redact(storage)}")
         studies.check_warm_start(Path(storage) / args.warm_start, args.warm_start)
     if not args.address:
         other = live_local_cluster()

@@ -165,12 +165,12 @@ def _bcp_dice(soft, target, mask, n_classes, smooth=1e-10):
     return total / n_classes
 
 
-def _bcp_mix_loss(out, img_l, patch_l, mask, u_weight=0.5, unlab=False):
-    """BCP's mix_loss: `mask` 1 outside the pasted box (the image's own region)."""
+def _bcp_mix_loss(out, img_l, patch_l, mask, u_weight=0.5, unlab=False, dice_fn=None):
+    """BCP's mix_loss: `mask` 1 outside the pasted box (the image's own region); the Dice is
+    its ACDC DiceLoss unless `dice_fn(logits, target, mask)` is given (LA's)."""
     image_w, patch_w = (u_weight, 1.0) if unlab else (1.0, u_weight)
-    soft = torch.softmax(out, 1)
-    n = out.shape[1]
-    dice = _bcp_dice(soft, img_l, mask, n) * image_w + _bcp_dice(soft, patch_l, 1 - mask, n) * patch_w
+    dice_fn = dice_fn or (lambda o, t, m: _bcp_dice(torch.softmax(o, 1), t, m, o.shape[1]))
+    dice = dice_fn(out, img_l, mask) * image_w + dice_fn(out, patch_l, 1 - mask) * patch_w
     ce_img = F.cross_entropy(out, img_l, reduction="none")
     ce_patch = F.cross_entropy(out, patch_l, reduction="none")
     ce = image_w * (ce_img * mask).sum() / (mask.sum() + 1e-16) + \
@@ -188,16 +188,22 @@ def _lcc_8(labels):
     return out
 
 
-def test_bcp_loss_equals_bcps_mix_loss_with_two_forwards_of_half(acdc_phantom):
-    loop = Loop(_cfg(acdc_phantom, pretrain_iters=0, iters=1, batch_size=8, labeled_bs=4), Reporter(), lambda m: m)
+def _bcp_step_then_rewind(loop):
+    """One batch through the loop's bcp step, then its box draw and dropout RNG rewound, so
+    the hand-written reference repeats the same draws, call for call."""
     lab, unl = loop.sampler.next()
     x_l, y_l = loop.data.batch(lab, loop.gen)
     x_u = loop.data.batch(unl, loop.gen)[0]
     gen_state, rng_state = loop.gen.get_state(), torch.get_rng_state()
     loss, _ = loop.bcp_step(x_l, y_l, x_u, t=0)
-
     loop.gen.set_state(gen_state)
-    torch.set_rng_state(rng_state)  # the same dropout masks, call for call
+    torch.set_rng_state(rng_state)
+    return loss, x_l, y_l, x_u
+
+
+def test_bcp_loss_equals_bcps_mix_loss_with_two_forwards_of_half(acdc_phantom):
+    loop = Loop(_cfg(acdc_phantom, pretrain_iters=0, iters=1, batch_size=8, labeled_bs=4), Reporter(), lambda m: m)
+    loss, x_l, y_l, x_u = _bcp_step_then_rewind(loop)
     h = 2
     img_a, img_b, lab_a, lab_b = x_l[:h], x_l[h:], y_l[:h], y_l[h:]
     uimg_a, uimg_b = x_u[:h], x_u[h:]
@@ -285,14 +291,7 @@ def test_la_pretraining_loss_is_ce_plus_dice_over_the_whole_mixed_volume(la_phan
 
 def test_la_bcp_loss_equals_bcps_la_mix_loss(la_phantom):
     loop = Loop(_la_cfg(la_phantom, pretrain_iters=0, iters=1), Reporter(), lambda m: m)
-    lab, unl = loop.sampler.next()
-    x_l, y_l = loop.data.batch(lab, loop.gen)
-    x_u = loop.data.batch(unl, loop.gen)[0]
-    gen_state, rng_state = loop.gen.get_state(), torch.get_rng_state()
-    loss, _ = loop.bcp_step(x_l, y_l, x_u, t=0)
-
-    loop.gen.set_state(gen_state)
-    torch.set_rng_state(rng_state)
+    loss, x_l, y_l, x_u = _bcp_step_then_rewind(loop)
     teacher, model = loop.teacher.train(), loop.core
     with torch.no_grad():  # BCP's LA get_cut_mask: p(class 1) >= 0.5, largest 26-connected component
         plab = []
@@ -305,12 +304,8 @@ def test_la_bcp_loss_equals_bcps_la_mix_loss(la_phantom):
     img_mask = box_mask(tuple(x_l.shape[2:]), 2 / 3, loop.gen)
     loss_mask = img_mask.expand(1, *img_mask.shape)
 
-    def mix_loss(out, img_l, patch_l, mask, u_weight=0.5, unlab=False):  # BCP_utils.mix_loss
-        image_w, patch_w = (u_weight, 1.0) if unlab else (1.0, u_weight)
-        dice = _bcp_la_dice(out, img_l, mask) * image_w + _bcp_la_dice(out, patch_l, 1 - mask) * patch_w
-        ce = image_w * (F.cross_entropy(out, img_l, reduction="none") * mask).sum() / (mask.sum() + 1e-16) + \
-            patch_w * (F.cross_entropy(out, patch_l, reduction="none") * (1 - mask)).sum() / ((1 - mask).sum() + 1e-16)
-        return (dice + ce) / 2
+    def mix_loss(out, img_l, patch_l, mask, unlab=False):  # BCP_utils.mix_loss with its LA Dice
+        return sum(_bcp_mix_loss(out, img_l, patch_l, mask, unlab=unlab, dice_fn=_bcp_la_dice)) / 2
 
     # the loop pairs the halves as BCP's ACDC script (unlabeled outside the box first); the
     # LA script's order swaps which draw is which, the same two kinds of mixed volume

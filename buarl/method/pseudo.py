@@ -66,11 +66,10 @@ def largest_components_torch(masks: torch.Tensor, connectivity: str = "full") ->
     inf = torch.tensor(float("inf"), dtype=dtype, device=masks.device)
     index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
     ids = torch.where(masks, index, inf)[:, None]
-    inside = masks[:, None]
+    inside, fg = masks[:, None], masks.flatten()
     while True:
         new = torch.where(inside, _min_neighbour(ids, connectivity), inf)
         flat = new.flatten()
-        fg = inside.flatten()
         # pointer jumping: id <- id of the voxel the id names
         flat = torch.where(fg, flat[torch.where(fg, flat, 0).long()], flat)
         new = flat.reshape(ids.shape)
