@@ -31,7 +31,7 @@ PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, 
 
 
 def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool, labeled: int,
-           test_cases: int) -> dict:
+           test_cases: int, compile_mode: str = "none") -> dict:
     """One measured run of the loop; prints and returns its speeds."""
     import torch
 
@@ -43,7 +43,7 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     cfg = load_config(config, {"data_root": data_root, "base": "bcp", "url": True, "crl": True, "pretrain_iters": 0,
                                "iters": iters, "eval_every": 10 ** 9, "log_every": log_every, "device": device,
                                "labeled": labeled, "test_cases": test_cases, "val_cases": 1,
-                               "threads": threads_per_worker()})
+                               "threads": threads_per_worker(), "compile": compile_mode})
 
     class Clock(Reporter):
         def __init__(self):
@@ -56,7 +56,8 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     metrics = train(cfg, clock)
     ended = time.perf_counter()
     (s0, t0), (s1, t1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
-    out = {"kind": kind, "config": config, "iters": iters, "it_per_s": (s1 - s0) / (t1 - t0),
+    out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode,
+           "it_per_s": (s1 - s0) / (t1 - t0),
            "evaluation_s": ended - t1, "test_cases": metrics["cases"], "device": device,
            "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
     print("RESULT " + json.dumps(out), flush=True)
@@ -106,14 +107,15 @@ class Utilisation:
 
 
 def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, labeled: int,
-          test_cases: int) -> tuple[list[dict], float | None]:
+          test_cases: int, compile_mode: str = "none") -> tuple[list[dict], float | None]:
     """n workers at once; test_cases=0 evaluates the whole test set (G5), else that many."""
     cmd = [sys.executable, __file__, "--worker", kind, "--iters", str(iters), "--device", device,
-           "--labeled", str(labeled), "--test-cases", str(test_cases)]
+           "--labeled", str(labeled), "--test-cases", str(test_cases), "--compile", compile_mode]
     cmd += ["--smoke"] if smoke else []
     cmd += ["--root", data_root] if data_root else []
     env = {**os.environ, "BENCH_WORKERS": str(n)}
-    print(f"bench/gpu.py: {kind}, {n} worker(s) at once, {iters} iterations each ...", flush=True)
+    print(f"bench/gpu.py: {kind}, {n} worker(s) at once, {iters} iterations each, compile={compile_mode} ...",
+          flush=True)
     with Utilisation() as util:
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                  for _ in range(n)]
@@ -137,6 +139,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, phantoms, a few iterations: checks the script itself")
     p.add_argument("--la-labeled", type=int, default=4,
                    help="labeled LA scans (4 = 5 %%; fewer for a small subset: the speed is the same)")
+    p.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="also measure G1 with this torch.compile mode (default: reduce-overhead on a GPU, "
+                        "none with --smoke)")
     p.add_argument("--worker", choices=["acdc", "la"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--labeled", type=int, help=argparse.SUPPRESS)
@@ -144,7 +149,7 @@ def main() -> None:
     a = p.parse_args()
     device = a.device or ("cpu" if a.smoke else "cuda")
     if a.worker:
-        worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases)
+        worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases, a.compile or "none")
         return
     if not a.smoke and not a.acdc:
         raise SystemExit("bench/gpu.py: --acdc DATA_ROOT is required (or --smoke)")
@@ -175,6 +180,20 @@ def main() -> None:
     report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
                                "target": "<= 5 s on a GPU"}
     save("solo")
+    compile_mode = a.compile or ("none" if a.smoke else "reduce-overhead")
+    if compile_mode != "none":
+        # Its own phase, after eager G1 and before G2: the profile says the launches bound the
+        # loop, and CUDA graphs remove them. A failure is a result, not the end of the bench.
+        try:
+            comp, util_comp = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 1, compile_mode)
+            report["G1_acdc_solo_compiled"] = {
+                "compile": compile_mode, "it_per_s": round(comp[0]["it_per_s"], 2), "gpu_util_pct": util_comp,
+                "over_eager": round(comp[0]["it_per_s"] / speed, 2),
+                "protocol_minutes_upper_bound": round((pre + self_) / comp[0]["it_per_s"] / 60, 1),
+                "note": "speed after the warm-up logs: compilation is not in it"}
+        except SystemExit as e:
+            report["G1_acdc_solo_compiled"] = {"compile": compile_mode, "error": str(e)[-2000:]}
+        save("solo compiled")
     packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1)
     each = [r["it_per_s"] for r in packed]
     report["G2_acdc_packed"] = {"trials": a.packed, "it_per_s_each": [round(x, 2) for x in each],

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session measures, in one command from the repository root on a
-# bare GPU machine (issue 12's targets, then issue 11's short-schedule parity runs):
+# bare GPU machine (issue 12's targets; with PARITY=1 then issue 11's short-schedule parity
+# runs, whose curves results/gpu/acdc_parity/ already has):
 #
 #   bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
+#   PARITY=1 bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #
 # It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session"):
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
@@ -52,11 +54,15 @@ for shape in [(36, 128, 128), (2, 64, 64, 48)]:
         print(f"device components == scipy on {dev}, {shape}, {conn}: {same}")
 PY
 
-# Issue 12: G1 (solo), G2 (4 packed), G5 (evaluation), G3 (LA on the 2-labeled subset).
-timeout $(( $(left) - 320 )) python3 bench/gpu.py --acdc /tmp/ACDC --la /tmp/LA --la-labeled 2 --iters $ITERS $DEV \
+PARITY=${PARITY:-0}
+# Issue 12: G1 (solo, then compiled with CUDA graphs), G2 (4 packed), G5 (evaluation), G3
+# (LA on the 2-labeled subset). Without the parity runs it has all but the packing-up time.
+BENCH_T=$(( $(left) - (PARITY == 1 ? 320 : 30) ))
+timeout $BENCH_T python3 bench/gpu.py --acdc /tmp/ACDC --la /tmp/LA --la-labeled 2 --iters $ITERS $DEV \
     2>&1 | tee "$OUT/bench.log"
 [ "$SMOKE" = 1 ] || cp bench/results/gpu_*.json "$OUT/"
 echo "[$(( $(date +%s) - START )) s] bench done"
+if [ "$PARITY" != 1 ]; then echo "[$(( $(date +%s) - START )) s] session done"; exit 0; fi
 
 # Issue 11: BCP and BUARL at 3 labeled patients, the short schedule (700 + 2100, val every
 # 250 on the 20 val volumes), earlier settings vs BCP's, four runs at once on the one GPU.

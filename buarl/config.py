@@ -98,6 +98,9 @@ class Config(BaseModel):
     precision: Literal["auto", "bf16", "fp32", "amp"] = "auto"
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")
+    # torch.compile of the training forwards (student and teacher); reduce-overhead adds
+    # CUDA graphs, the launches that bound a GPU iteration (BENCHMARKS.md). Evaluation stays eager.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
 
     @model_validator(mode="before")
     @classmethod

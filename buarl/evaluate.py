@@ -25,6 +25,17 @@ CLASS_NAMES = {"acdc": ["RV", "Myo", "LV"], "la": ["LA"]}
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
+def crop_to_objects(*masks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The masks cut to the bounding box of their union. No metric changes: counts do not,
+    every surface voxel (so every nearest-surface distance) lies inside the box, and a voxel
+    on the box's face erodes alike in both (its outer neighbour is background in the volume
+    and beyond the edge, which erosion counts as background, in the crop). The distance
+    transform then covers the heart, not the whole scan: 7.5 s -> 0.7 s on the ACDC test set."""
+    union = np.logical_or.reduce(masks)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(union))
+    return tuple(m[box] for m in masks)
+
+
 def case_metrics(pred: np.ndarray, gt: np.ndarray, policy: str = "reference") -> tuple[dict, bool]:
     """Metrics of one binary prediction against one binary ground truth.
 
@@ -33,6 +44,7 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, policy: str = "reference") ->
     pred, gt = pred.astype(bool), gt.astype(bool)
     has_p, has_g = bool(pred.any()), bool(gt.any())
     if has_p and has_g:
+        pred, gt = crop_to_objects(pred, gt)
         # medpy's hd95 and asd, computing the prediction-to-truth distances once for both
         # (identical values: tests/test_evaluation_speed.py)
         pred_to_gt, gt_to_pred = surface_distances(pred, gt, None, 1), surface_distances(gt, pred, None, 1)

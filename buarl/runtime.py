@@ -62,6 +62,22 @@ def to_device(model: nn.Module, cfg: Config, device: torch.device, dim: int) -> 
     return model.to(device=device, memory_format=memory_format(cfg, dim))
 
 
+def compiled(model: nn.Module, cfg: Config) -> nn.Module:
+    """The module as training calls it: itself, or torch.compile'd with the config's mode. The
+    compiled wrapper shares the module's parameters and buffers (the EMA and checkpoints keep
+    using the module); shapes are fixed per call site, so no dynamic-shape graphs."""
+    if cfg.compile == "none":
+        return model
+    return torch.compile(model, mode=None if cfg.compile == "default" else cfg.compile, dynamic=False)
+
+
+def step_begin(cfg: Config) -> None:
+    """Tells CUDA-graph trees a new iteration starts: the previous one's graph outputs may be
+    overwritten (the loop keeps none of them across iterations)."""
+    if cfg.compile in ("reduce-overhead", "max-autotune"):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

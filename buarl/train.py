@@ -42,7 +42,8 @@ from buarl.method.teacher import decay_at, ema_update, make_teacher
 from buarl.method.uncertainty import entropy_map, mc_probs, perturb
 from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
 from buarl.nets import build
-from buarl.runtime import autocast, device_of, memory_format, precision_of, seed_everything, to_device
+from buarl.runtime import (autocast, compiled, device_of, memory_format, precision_of, seed_everything,
+                           step_begin, to_device)
 
 
 class Reporter:
@@ -112,7 +113,8 @@ class Loop:
             seed_everything(cfg.seed + 1000 * self.rank)  # dropout and noise differ per replica
         self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
         self.teacher = make_teacher(core)
-        self.student = wrap(SplitForward(core))
+        self.teacher_net = compiled(self.teacher, cfg)  # shares the teacher's weights and buffers
+        self.student = wrap(SplitForward(compiled(core, cfg)))
         self.optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(enabled=precision_of(cfg, self.device) == "amp")
@@ -159,7 +161,7 @@ class Loop:
             if cfg.uncertainty == "mc_entropy":
                 return torch.cat([mc_probs(self.teacher, part, cfg.mc_passes, self.gen) for part in parts])
             self.teacher.train(cfg.teacher_mode == "train")
-            return torch.cat([torch.softmax(self.teacher(part).float(), 1) for part in parts])
+            return torch.cat([torch.softmax(self.teacher_net(part).float(), 1) for part in parts])
 
     def weights(self, u: torch.Tensor, source: torch.Tensor, t: int) -> tuple[torch.Tensor, dict]:
         """Per-pixel weights: URL on labeled pixels (source 1), CRL on unlabeled (source 0)."""
@@ -279,6 +281,7 @@ class Loop:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
 
+            step_begin(cfg)
             lab_idx, unl_idx = self.sampler.next()
             x_l, y_l = (v.to(self.device) for v in data.batch(lab_idx, self.gen))
             if stage == "pretrain":

@@ -32,6 +32,31 @@ def _shifted_predictions_match_medpy(cases):
     assert checked >= 3
 
 
+@pytest.mark.parametrize("shape", [(40, 36), (9, 40, 36)])
+def test_cropped_metrics_equal_medpy_on_the_whole_volume(shape):
+    """The distances are computed in the objects' bounding box; medpy sees the whole volume.
+    Blobs are placed anywhere, also against the volume's edge (where erosion meets the edge)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    checked = edge = 0
+    for _ in range(40):
+        noise = ndimage.gaussian_filter(rng.random(shape), 1.5)
+        blob = noise > np.quantile(noise, rng.uniform(0.85, 0.99))
+        gt = np.zeros(shape, bool)
+        lo = [int(rng.integers(0, s // 2)) for s in shape]
+        cut = tuple(slice(a, None) for a in lo)
+        gt[cut] = blob[tuple(slice(0, s - a) for s, a in zip(shape, lo))]
+        pred = np.roll(gt, int(rng.integers(-3, 4)), axis=-1) ^ (rng.random(shape) > 0.995)
+        if not (pred.any() and gt.any()):
+            continue
+        edge += any(m.take(i, axis=a).any() for m in (pred, gt) for a in range(len(shape)) for i in (0, -1))
+        ours, empty = case_metrics(pred, gt)
+        assert not empty and ours == _medpy(pred, gt)  # exactly
+        checked += 1
+    assert checked >= 30 and edge >= 10
+
+
 @needs_real_data
 def test_metrics_equal_medpy_on_real_acdc_volumes():
     cfg = load_config("acdc_cpu", {"data_root": str(SHARED / "ACDC"), "base": "supervised", "labeled": 1,

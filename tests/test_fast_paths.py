@@ -112,3 +112,46 @@ def test_auto_precision_on_a_gpu_is_bf16_where_the_card_has_it(monkeypatch):
     assert precision_of(cfg, torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert precision_of(cfg, torch.device("cuda")) == "amp"
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_loop(acdc_phantom, monkeypatch):
+    """`compile` changes how the forwards run, not what they compute: the same seed gives the
+    same losses (to float rounding: inductor fuses ops) through pre-training and BUARL
+    self-training, and the checkpoint keys are the plain module's. Inductor draws dropout
+    masks from its own generator; `fallback_random` makes it use eager's, so the two runs
+    see the same masks. Pre-training matches to 1e-4; self-training's pseudo-labels and
+    uncertainty regions are thresholds, where a rounding difference can flip a pixel."""
+    import torch._inductor.config as inductor
+
+    from buarl.config import load_config
+    from buarl.train import Loop, Reporter
+
+    class Losses(Reporter):
+        def __init__(self):
+            self.losses, self.state = [], None
+
+        def log(self, step, scalars):
+            self.losses.append(scalars["loss"])
+
+        def finish(self, metrics, best_weights):
+            self.state = best_weights
+
+    monkeypatch.setattr(inductor, "fallback_random", True)
+    runs = {}
+    for mode in ("none", "default"):
+        cfg = load_config("phantom", {"data_root": str(acdc_phantom), "labeled": 2, "base": "bcp", "url": True,
+                                      "crl": True, "pretrain_iters": 2, "iters": 3, "eval_every": 2, "log_every": 1,
+                                      "precision": "fp32", "compile": mode, "test_cases": 1, "val_cases": 1})
+        rep = Losses()
+        loop = Loop(cfg, rep, lambda m: m)
+        loop.run()
+        runs[mode] = (rep.losses, rep.state, loop)
+    eager, comp = runs["none"], runs["default"]
+    assert len(eager[0]) == 5
+    assert comp[0][:3] == pytest.approx(eager[0][:3], rel=1e-4, abs=1e-6)
+    assert comp[0] == pytest.approx(eager[0], rel=1e-3, abs=1e-6)
+    assert set(comp[1]) == set(eager[1]) and not any("_orig_mod" in k for k in comp[1])
+    # the compiled path was the one taken, and it runs the teacher the EMA updates
+    assert comp[2].teacher_net is not comp[2].teacher and comp[2].teacher_net._orig_mod is comp[2].teacher
+    assert eager[2].teacher_net is eager[2].teacher

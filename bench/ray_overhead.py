@@ -1,0 +1,126 @@
+"""G6 (issue 12): what Ray Tune + MLflow add to a sweep. The same trials run twice in one
+go: bare, one `buarl train` process after another, and as one `buarl-sweep` (a local Ray
+cluster, one trial at a time, every trial tracked in MLflow). Both sides are timed from
+process start to exit, so the sweep's cluster start, data check, MLflow runs and shutdown
+all count. Same seeds on the CPU give the same metrics, so the test Dice of each trial is
+compared too: the sweep did the same work, not less. Writes bench/results/ray_overhead.json.
+
+    python bench/ray_overhead.py --data-root ../shared/data/ACDC      # ~5-minute trials
+    python bench/ray_overhead.py --smoke                               # the phantom, ~2 minutes
+
+Run it alone: a second local Ray cluster on the machine is refused, and anything else using
+the cores shows up as overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_RATIO, TARGET_FIXED_S = 1.10, 10.0  # issue 12, G6
+# ~5 minutes of BUARL (bcp + url + crl) on 2 cores at acdc_cpu's shapes, 3 labeled patients
+REAL = {"base_config": "acdc_cpu", "fixed": {"pretrain_iters": 250, "iters": 500, "eval_every": 125}}
+SMOKE = {"base_config": "phantom", "fixed": {"pretrain_iters": 10, "iters": 20, "eval_every": 10}}
+
+
+def timed(cmd: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - start
+    if rc:
+        sys.exit(f"ray_overhead: {' '.join(cmd[:3])} ... exited {rc}; its output: {log}")
+    return wall
+
+
+def sweep_trials(tracking_uri: str, experiment: str) -> dict[int, dict]:
+    """seed -> {test_dice, train_seconds} of the sweep's finished trial runs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.buarl.role = 'trial'") if exp else []
+    out = {}
+    for r in runs:
+        if r.info.status == "FINISHED" and "test_dice" in r.data.metrics:
+            out[int(float(r.data.params["seed"]))] = {"test_dice": r.data.metrics["test_dice"],
+                                                    "train_seconds": r.data.metrics.get("train_seconds")}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", help="real ACDC (default: the phantom, with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny phantom trials: checks the script, not Ray")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
+    p.add_argument("--labeled", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ray_overhead.json")
+    a = p.parse_args()
+    if not a.smoke and not a.data_root:
+        p.error("give --data-root (real ACDC) or --smoke")
+    shape = SMOKE if a.smoke else REAL
+    data = [] if a.smoke else ["--data-root", str(Path(a.data_root).resolve())]
+    work = Path(tempfile.mkdtemp(prefix="buarl_g6_"))
+    bin_dir = Path(sys.executable).parent
+
+    bare = {}
+    for seed in a.seeds:
+        sets = [f"{k}={v}" for k, v in {**shape["fixed"], "labeled": a.labeled, "seed": seed,
+                                         "threads": a.threads}.items()]
+        run = work / f"bare_{seed}"
+        wall = timed([str(bin_dir / "buarl"), "train", "--config", shape["base_config"], *data,
+                      "--set", *sets, "--out", str(run)], work / f"bare_{seed}.log")
+        metrics = json.loads((run / "metrics.json").read_text())
+        bare[seed] = {"wall_s": wall, "test_dice": metrics["dice"], "train_seconds": metrics["train_seconds"]}
+        print(f"bare seed {seed}: {wall:.1f} s, test Dice {metrics['dice']:.4f}", flush=True)
+
+    space = {"description": "G6 bench: the bare trials as a sweep", "base_config": shape["base_config"],
+             "phantom_config": shape["base_config"], "fixed": shape["fixed"],
+             "grid": {"labeled": [a.labeled], "seed": a.seeds}, "num_samples": 1}
+    (work / "g6.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    sweep_wall = timed([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(work / "g6.yaml"),
+                        *data, "--tracking-uri", uri, "--storage", str(work / "ray_results"),
+                        "--threads", str(a.threads), "--max-concurrent", "1"], work / "sweep.log")
+    trials = sweep_trials(uri, "g6")
+    if set(trials) != set(a.seeds):
+        sys.exit(f"ray_overhead: the sweep finished trials for seeds {sorted(trials)}, expected {a.seeds}; "
+                 f"its output: {work / 'sweep.log'}")
+
+    bare_sum = sum(b["wall_s"] for b in bare.values())
+    fixed = (sweep_wall - bare_sum) / len(a.seeds)
+    ratio = sweep_wall / bare_sum
+    out = {
+        "target": f"sweep wall <= {TARGET_RATIO} x sum of bare; fixed cost per trial <= {TARGET_FIXED_S} s",
+        "smoke": a.smoke, "data_root": a.data_root, "base_config": shape["base_config"],
+        "fixed": shape["fixed"], "labeled": a.labeled, "threads": a.threads,
+        "bare": {str(s): {k: round(v, 4) for k, v in b.items()} for s, b in bare.items()},
+        "sweep_wall_s": round(sweep_wall, 1), "bare_wall_sum_s": round(bare_sum, 1),
+        "ratio": round(ratio, 3), "fixed_cost_per_trial_s": round(fixed, 1),
+        "sweep_trials": {str(s): {k: (round(v, 4) if v is not None else None) for k, v in t.items()}
+                         for s, t in trials.items()},
+        "same_test_dice": all(abs(trials[s]["test_dice"] - bare[s]["test_dice"]) < 1e-9 for s in a.seeds),
+        "met": bool(ratio <= TARGET_RATIO and fixed <= TARGET_FIXED_S),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "work_dir": str(work),
+    }
+    import torch
+    import ray
+    out["machine"].update(torch=torch.__version__, ray=ray.__version__)
+    if not a.smoke:
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
