@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,11 +33,58 @@ REAL = {"base_config": "acdc_cpu", "fixed": {"pretrain_iters": 250, "iters": 500
 SMOKE = {"base_config": "phantom", "fixed": {"pretrain_iters": 10, "iters": 20, "eval_every": 10}}
 
 
-def timed(cmd: list[str], log: Path) -> float:
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of every process on the machine, by name (Linux /proc)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        name = cmd.split()[0] if cmd.startswith("ray::") else Path(cmd.split()[0]).name if cmd else stat.split("(")[1]
+        if "sweep.py" in cmd or "gcs_server" in cmd or "raylet" in cmd or "dashboard" in cmd or "log_monitor" in cmd:
+            name = next(k for k in ("sweep.py", "gcs_server", "raylet", "dashboard", "log_monitor") if k in cmd)
+        out[f"{pid} {name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class CpuWatch:
+    """Per-process CPU used while a command runs: what Ray's own processes take beside the
+    training worker (the cores a 2-core trial loses to them)."""
+
+    def __init__(self, period: float = 5.0):
+        self.period, self.stop, self.last, self.used = period, False, {}, {}
+
+    def run(self) -> None:
+        first = True
+        while not self.stop:
+            now = cpu_seconds()
+            for key, sec in now.items():
+                # a process first seen after the start began during the command: all its CPU counts
+                before = self.last.get(key, sec if first else 0.0)
+                self.used[key] = self.used.get(key, 0.0) + max(0.0, sec - before)
+            self.last, first = {**self.last, **now}, False
+            time.sleep(self.period)
+
+    def by_name(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for key, sec in self.used.items():
+            name = key.split(" ", 1)[1]
+            total[name] = total.get(name, 0.0) + sec
+        return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def timed(cmd: list[str], log: Path, watch: CpuWatch | None = None) -> float:
     start = time.perf_counter()
+    if watch:
+        threading.Thread(target=watch.run, daemon=True).start()
     with log.open("w") as out:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - start
+    if watch:
+        watch.stop = True
     if rc:
         sys.exit(f"ray_overhead: {' '.join(cmd[:3])} ... exited {rc}; its output: {log}")
     return wall
@@ -89,9 +137,10 @@ def main() -> None:
              "grid": {"labeled": [a.labeled], "seed": a.seeds}, "num_samples": 1}
     (work / "g6.yaml").write_text(yaml.safe_dump(space))
     uri = f"sqlite:///{work / 'mlflow.db'}"
+    watch = CpuWatch()
     sweep_wall = timed([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(work / "g6.yaml"),
                         *data, "--tracking-uri", uri, "--storage", str(work / "ray_results"),
-                        "--threads", str(a.threads), "--max-concurrent", "1"], work / "sweep.log")
+                        "--threads", str(a.threads), "--max-concurrent", "1"], work / "sweep.log", watch)
     trials = sweep_trials(uri, "g6")
     if set(trials) != set(a.seeds):
         sys.exit(f"ray_overhead: the sweep finished trials for seeds {sorted(trials)}, expected {a.seeds}; "
@@ -109,6 +158,8 @@ def main() -> None:
         "ratio": round(ratio, 3), "fixed_cost_per_trial_s": round(fixed, 1),
         "sweep_trials": {str(s): {k: (round(v, 4) if v is not None else None) for k, v in t.items()}
                          for s, t in trials.items()},
+        # CPU seconds per process name during the sweep: the training worker against Ray's own
+        "sweep_cpu_seconds": {k: round(v, 1) for k, v in watch.by_name().items() if v >= 1.0},
         "same_test_dice": all(abs(trials[s]["test_dice"] - bare[s]["test_dice"]) < 1e-9 for s in a.seeds),
         "met": bool(ratio <= TARGET_RATIO and fixed <= TARGET_FIXED_S),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

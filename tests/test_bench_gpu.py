@@ -7,10 +7,15 @@ import sys
 from tests.conftest import ROOT
 
 
-def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
+def _load_gpu():
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
+    return gpu
+
+
+def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
+    gpu = _load_gpu()
     speeds = {"acdc": 50.0, "la": 8.0}
 
     def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none"):
@@ -26,13 +31,6 @@ def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
     assert report["G2_acdc_packed"]["min_share_of_solo"] == 0.9 and report["G2_acdc_packed"]["throughput_over_solo"] == 3.6
     assert report["G3_la"]["protocol_minutes_upper_bound"] == round(17000 / 8 / 60, 1)
     assert report["G5_evaluation"]["seconds"] == 4.0
-
-
-def _load_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
-    return gpu
 
 
 def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(monkeypatch, capsys):
