@@ -10,8 +10,8 @@
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
 #   .gpu_data/la.u8.xz                      bench/pack_la.py's small LA subset (8-bit, cropped; speed only)
 #   .whl/                                   pydantic, medpy and their pure-Python needs
-# Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, parity_runs.tgz (the four
-# `buarl train` folders, checkpoints left out), session.log. Stages get deadlines inside
+# Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, session.log, and with PARITY=1
+# parity_runs.tgz (the four `buarl train` folders, checkpoints left out). Stages get deadlines inside
 # BUDGET_S (default 570 s) so the files are written even when a stage runs long.
 # SMOKE=1 runs the same path on this CPU in a few minutes (tiny schedules; checks the script).
 set -u

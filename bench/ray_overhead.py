@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,23 +34,21 @@ REAL = {"base_config": "acdc_cpu", "fixed": {"pretrain_iters": 250, "iters": 500
 SMOKE = {"base_config": "phantom", "fixed": {"pretrain_iters": 10, "iters": 20, "eval_every": 10}}
 
 
-def cpu_seconds() -> dict[str, tuple[str, float]]:
-    """pid -> (name, CPU seconds so far) of every process on the machine (Linux /proc). Ray
-    renames its processes (ray::ImplicitFunc -> ray::ImplicitFunc.train), so pids are the keys."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds so far) of every process on the machine. Ray retitles its
+    processes (ray::ImplicitFunc -> ray::ImplicitFunc.train), so pids are the keys and a
+    title is cut at its first dot."""
     daemons = ("sweep.py", "gcs_server", "raylet", "dashboard", "log_monitor")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
+    out = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        cmd, times = " ".join(proc.info["cmdline"] or []), proc.info["cpu_times"]
+        if times is None:  # gone, or not ours to read
             continue
-        comm, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
         if cmd.startswith("ray::"):
             name = cmd.split()[0].split(".")[0]
         else:
-            name = next((k for k in daemons if k in cmd), Path(cmd.split()[0]).name if cmd else comm)
-        out[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+            name = next((k for k in daemons if k in cmd), proc.info["name"])
+        out[proc.pid] = (name, times.user + times.system)
     return out
 
 
@@ -68,8 +67,8 @@ class CpuWatch:
                 # a process first seen after the start began during the command: all its CPU counts
                 before = self.last.get(pid, sec if first else 0.0)
                 self.used[pid] = self.used.get(pid, 0.0) + max(0.0, sec - before)
-                self.names[pid] = name
-            self.last, first = {**self.last, **{pid: sec for pid, (_, sec) in now.items()}}, False
+                self.last[pid], self.names[pid] = sec, name
+            first = False
             time.sleep(self.period)
 
     def by_name(self) -> dict[str, float]:

@@ -39,14 +39,13 @@ def warm_start(old_folder: Path, new_url: str, points: list[str]) -> dict[str, i
     """Copy each grid point's study of the old sweep into the new storage (a point the old
     sweep did not have starts empty). Returns the finished trials copied per point."""
     import optuna
-    old_url = storage_url(str(old_folder))
-    names = {s.study_name: s for s in optuna.get_all_study_summaries(rdb(old_url), include_best_trial=False)}
+    old, new = rdb(storage_url(str(old_folder))), rdb(new_url)
+    names = set(optuna.get_all_study_names(old))
+    existing = set(optuna.get_all_study_names(new))
     copied = {}
-    new = rdb(new_url)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(new, include_best_trial=False)}
     for point in points:
         if point in names and point not in existing:
-            optuna.copy_study(from_study_name=point, from_storage=rdb(old_url), to_storage=new, to_study_name=point)
+            optuna.copy_study(from_study_name=point, from_storage=old, to_storage=new, to_study_name=point)
             trials = optuna.load_study(study_name=point, storage=new).get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             copied[point] = len(trials)
