@@ -8,7 +8,7 @@ Each measurement is a worker process running buarl's own loop (BUARL: bcp + URL 
 self-training, the `acdc` / `la` paper configs) for `--iters` iterations; its speed is taken
 between the log steps after a warm-up, so start-up and the final test evaluation are not in
 it. Packed = that many workers at once on the one GPU. GPU utilisation is sampled with
-nvidia-smi every 0.5 s during each phase. G5 times the final evaluation of the solo ACDC
+nvidia-smi every 0.5 s and averaged over the same window (packed: while all measured). G5 times the final evaluation of the solo ACDC
 worker (all 40 test volumes). With images packed by ../shared/tools/pack_acdc.py (8-bit),
 speeds are unchanged; report Dice from such a copy as "8-bit images".
 """
@@ -33,6 +33,8 @@ PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, 
 def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool, labeled: int,
            test_cases: int, compile_mode: str = "none") -> dict:
     """One measured run of the loop; prints and returns its speeds."""
+    import logging
+
     import torch
 
     from buarl.config import load_config
@@ -48,18 +50,37 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     class Clock(Reporter):
         def __init__(self):
             self.marks = []
+            self.last = {}
 
         def log(self, step, scalars):  # the loop syncs (float()) before it logs
-            self.marks.append((step, time.perf_counter()))
+            self.marks.append((step, time.perf_counter(), time.time()))
+            self.last = scalars
 
+    class Skips(logging.Handler):
+        """Inductor's reasons for running a compiled graph without CUDA graphs (a warning each)."""
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage()[:300])
+
+    skips = Skips()
+    logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs").addHandler(skips)
     clock = Clock()
+    began = time.perf_counter()
     metrics = train(cfg, clock)
     ended = time.perf_counter()
-    (s0, t0), (s1, t1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
+    (s0, t0, w0), (s1, t1, w1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
     out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode,
-           "it_per_s": (s1 - s0) / (t1 - t0),
+           "it_per_s": (s1 - s0) / (t1 - t0), "window": [w0, w1], "first_log_s": round(clock.marks[0][1] - began, 1),
+           "loss_last": round(clock.last.get("loss", float("nan")), 4),
            "evaluation_s": ended - t1, "test_cases": metrics["cases"], "device": device,
            "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    if compile_mode != "none":
+        from torch._dynamo.utils import counters
+        out.update(cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]), skip_reasons=skips.messages[:3],
+                   graph_breaks=int(sum(counters["graph_break"].values())))
     print("RESULT " + json.dumps(out), flush=True)
     return out
 
@@ -80,7 +101,7 @@ class Utilisation:
     """nvidia-smi sampled every 0.5 s while a phase runs (None without nvidia-smi)."""
 
     def __init__(self):
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []  # (time.time(), percent)
         self.proc = None
 
     def __enter__(self):
@@ -93,7 +114,7 @@ class Utilisation:
     def _read(self):
         for line in self.proc.stdout:
             try:
-                self.samples.append(float(line.strip().split(",")[0]))
+                self.samples.append((time.time(), float(line.strip().split(",")[0])))
             except ValueError:
                 pass
 
@@ -101,9 +122,11 @@ class Utilisation:
         if self.proc:
             self.proc.terminate()
 
-    @property
-    def mean(self):
-        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+    def mean(self, window: tuple[float, float] | None = None):
+        """Mean busy percent, within the workers' measured window when given: start-up,
+        compilation and the final evaluation would dilute it."""
+        values = [v for t, v in self.samples if window is None or window[0] <= t <= window[1]]
+        return round(sum(values) / len(values), 1) if values else None
 
 
 def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, labeled: int,
@@ -116,6 +139,7 @@ def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, la
     env = {**os.environ, "BENCH_WORKERS": str(n)}
     print(f"bench/gpu.py: {kind}, {n} worker(s) at once, {iters} iterations each, compile={compile_mode} ...",
           flush=True)
+    began = time.perf_counter()
     with Utilisation() as util:
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                  for _ in range(n)]
@@ -125,8 +149,18 @@ def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, la
         lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not lines:
             raise SystemExit(f"bench/gpu.py: a {kind} worker failed (exit {p.returncode}):\n{text[-3000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-    return results, util.mean
+        results.append({**json.loads(lines[-1][len("RESULT "):]), "phase_wall_s": round(time.perf_counter() - began, 1)})
+    print(f"bench/gpu.py: ... {kind} x{n} ({compile_mode}) took {time.perf_counter() - began:.0f} s", flush=True)
+    # packed: the span where all of them were measuring at once
+    window = (max(r["window"][0] for r in results), min(r["window"][1] for r in results)) \
+        if all("window" in r for r in results) else None
+    return results, util.mean(window if window and window[0] < window[1] else None)
+
+
+def _phase_note(name: str, results: list[dict]) -> dict:
+    """What a phase cost (start-up, compilation and evaluation included): for planning loans."""
+    return {"phase": name, "wall_s": max(r.get("phase_wall_s", 0) for r in results),
+            "first_log_s": max(r.get("first_log_s", 0) for r in results)}
 
 
 def main() -> None:
@@ -139,9 +173,14 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, phantoms, a few iterations: checks the script itself")
     p.add_argument("--la-labeled", type=int, default=4,
                    help="labeled LA scans (4 = 5 %%; fewer for a small subset: the speed is the same)")
-    p.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
-                   help="also measure G1 with this torch.compile mode (default: reduce-overhead on a GPU, "
+    p.add_argument("--compile", default=None,
+                   help="also measure with torch.compile: modes tried in order until one works, comma-separated "
+                        "(none, default, reduce-overhead, max-autotune; default: reduce-overhead,default on a GPU, "
                         "none with --smoke)")
+    p.add_argument("--phases", default="compiled,g2,g3",
+                   help="what to measure beside eager G1 + G5 (always: every ratio is to it): "
+                        "comma-separated compiled, g2, g3")
+    p.add_argument("--tag", default="", help="names the run in its results file (gpu_<card>_<tag>.json), e.g. mps")
     p.add_argument("--worker", choices=["acdc", "la"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--labeled", type=int, help=argparse.SUPPRESS)
@@ -151,11 +190,17 @@ def main() -> None:
     if a.worker:
         worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases, a.compile or "none")
         return
+    phases = set(a.phases.split(",")) - {""}
+    if phases - {"compiled", "g2", "g3"}:
+        raise SystemExit(f"bench/gpu.py: --phases {a.phases!r}: expected a comma-separated list of compiled, g2, g3")
+    known = ("none", "default", "reduce-overhead", "max-autotune")
+    if any(m not in known for m in (a.compile or "none").split(",")):
+        raise SystemExit(f"bench/gpu.py: --compile {a.compile!r}: expected a comma-separated list of {', '.join(known)}")
     if not a.smoke and not a.acdc:
         raise SystemExit("bench/gpu.py: --acdc DATA_ROOT is required (or --smoke)")
     iters = 6 if a.smoke else a.iters
     report: dict = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "device": device,
-                    "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke}
+                    "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke, "tag": a.tag}
     acdc_l = labeled_for("acdc", a.smoke, a.la_labeled)
     path = None
 
@@ -167,9 +212,12 @@ def main() -> None:
               file=sys.stderr, flush=True)
         if not a.smoke:
             card = "".join(c if c.isalnum() else "_" for c in report["card"])[:40]
-            path = ROOT / "bench" / "results" / f"gpu_{card}.json"
+            path = ROOT / "bench" / "results" / f"gpu_{card}{'_' + a.tag if a.tag else ''}.json"
             path.write_text(json.dumps(report, indent=2) + "\n")
 
+    # Phases in order of what a short GPU loan most needs: eager G1 (+ G5) is the baseline on
+    # this card; CUDA graphs are the step the profile points to; then packing and LA, eager
+    # first (comparable with earlier cards), compiled where compilation worked.
     solo, util_solo = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 0)
     report["card"] = solo[0]["gpu"]
     speed = solo[0]["it_per_s"]
@@ -179,38 +227,75 @@ def main() -> None:
                               "protocol_minutes_upper_bound": round((pre + self_) / speed / 60, 1)}
     report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
                                "target": "<= 5 s on a GPU"}
+    report["phases"] = [_phase_note("G1 eager", solo)]
     save("solo")
-    compile_mode = a.compile or ("none" if a.smoke else "reduce-overhead")
-    if compile_mode != "none":
-        # Its own phase, after eager G1 and before G2: the profile says the launches bound the
-        # loop, and CUDA graphs remove them. A failure is a result, not the end of the bench.
+
+    modes = [m for m in (a.compile or ("none" if a.smoke else "reduce-overhead,default")).split(",")
+             if m != "none" and "compiled" in phases]
+    compiled_mode = None
+    for mode in modes:  # the first that works; a failure is a result, not the end of the bench
         try:
-            comp, util_comp = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 1, compile_mode)
-            report["G1_acdc_solo_compiled"] = {
-                "compile": compile_mode, "it_per_s": round(comp[0]["it_per_s"], 2), "gpu_util_pct": util_comp,
-                "over_eager": round(comp[0]["it_per_s"] / speed, 2),
-                "protocol_minutes_upper_bound": round((pre + self_) / comp[0]["it_per_s"] / 60, 1),
-                "note": "speed after the warm-up logs: compilation is not in it"}
+            comp, util_comp = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 1, mode)
         except SystemExit as e:
-            report["G1_acdc_solo_compiled"] = {"compile": compile_mode, "error": str(e)[-2000:]}
+            report.setdefault("G1_compile_failures", {})[mode] = str(e)[-2000:]
+            save(f"solo compiled {mode} failed")
+            continue
+        compiled_mode = mode
+        report["G1_acdc_solo_compiled"] = {
+            "compile": mode, "it_per_s": round(comp[0]["it_per_s"], 2), "gpu_util_pct": util_comp,
+            "over_eager": round(comp[0]["it_per_s"] / speed, 2),
+            "protocol_minutes_upper_bound": round((pre + self_) / comp[0]["it_per_s"] / 60, 1),
+            "loss_last": comp[0].get("loss_last"), "eager_loss_last": solo[0].get("loss_last"),
+            **{k: comp[0][k] for k in ("cudagraph_skips", "skip_reasons", "graph_breaks", "first_log_s") if k in comp[0]},
+            "note": "speed after the warm-up logs: compilation is not in it (first_log_s is)"}
+        report["phases"].append(_phase_note(f"G1 {mode}", comp))
         save("solo compiled")
-    packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1)
-    each = [r["it_per_s"] for r in packed]
-    report["G2_acdc_packed"] = {"trials": a.packed, "it_per_s_each": [round(x, 2) for x in each],
-                                "min_share_of_solo": round(min(each) / speed, 2), "gpu_util_pct": util_packed,
-                                "throughput_over_solo": round(sum(each) / speed, 2),
-                                "target": f">= {a.packed} trials at >= 80 % of solo each"}
-    save("packed")
-    if a.la or a.smoke:
-        la_l = labeled_for("la", a.smoke, a.la_labeled)
+        break
+
+    def packed_report(results, util, solo_speed):
+        each = [r["it_per_s"] for r in results]
+        return {"trials": a.packed, "it_per_s_each": [round(x, 2) for x in each],
+                "min_share_of_solo": round(min(each) / solo_speed, 2), "gpu_util_pct": util,
+                "throughput_over_solo": round(sum(each) / solo_speed, 2),
+                "target": f">= {a.packed} trials at >= 80 % of solo each"}
+
+    if "g2" in phases:
+        packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1)
+        report["G2_acdc_packed"] = packed_report(packed, util_packed, speed)
+        report["phases"].append(_phase_note("G2 eager", packed))
+        save("packed")
+    la = (a.la or a.smoke) and "g3" in phases
+    la_l = labeled_for("la", a.smoke, a.la_labeled)
+    la_pre, la_self = PROTOCOL_ITERS["la"]
+    if la:
         la_solo, la_util = phase("la", a.la, iters, 1, device, a.smoke, la_l, 1)
-        pre, self_ = PROTOCOL_ITERS["la"]
         report["G3_la"] = {"solo_it_per_s": round(la_solo[0]["it_per_s"], 2), "gpu_util_pct": la_util,
-                           "protocol_minutes_upper_bound": round((pre + self_) / la_solo[0]["it_per_s"] / 60, 1)}
+                           "protocol_minutes_upper_bound": round((la_pre + la_self) / la_solo[0]["it_per_s"] / 60, 1)}
+        report["phases"].append(_phase_note("G3 eager", la_solo))
         save("la solo")
+    if compiled_mode and "g2" in phases:
+        c_packed, c_util = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1, compiled_mode)
+        report["G2_acdc_packed_compiled"] = {"compile": compiled_mode,
+                                             **packed_report(c_packed, c_util, comp[0]["it_per_s"]),
+                                             "throughput_over_eager_solo": round(sum(r["it_per_s"] for r in c_packed) / speed, 2)}
+        report["phases"].append(_phase_note(f"G2 {compiled_mode}", c_packed))
+        save("packed compiled")
+    if la:
         la_packed, _ = phase("la", a.la, iters, 2, device, a.smoke, la_l, 1)
         report["G3_la"]["packed_2_it_per_s_each"] = [round(r["it_per_s"], 2) for r in la_packed]
+        report["phases"].append(_phase_note("G3 eager x2", la_packed))
         save("la packed")
+    if la and compiled_mode:
+        try:
+            la_comp, la_cutil = phase("la", a.la, iters, 1, device, a.smoke, la_l, 1, compiled_mode)
+            report["G3_la"]["compiled"] = {"compile": compiled_mode, "solo_it_per_s": round(la_comp[0]["it_per_s"], 2),
+                                           "gpu_util_pct": la_cutil,
+                                           "protocol_minutes_upper_bound": round((la_pre + la_self) / la_comp[0]["it_per_s"] / 60, 1),
+                                           **{k: la_comp[0][k] for k in ("cudagraph_skips", "skip_reasons") if k in la_comp[0]}}
+            report["phases"].append(_phase_note(f"G3 {compiled_mode}", la_comp))
+        except SystemExit as e:
+            report["G3_la"]["compiled"] = {"compile": compiled_mode, "error": str(e)[-2000:]}
+        save("la compiled")
     print(json.dumps(report, indent=2))
     if path:
         print(f"wrote {path}")

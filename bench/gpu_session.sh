@@ -5,12 +5,14 @@
 #
 #   bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #   PARITY=1 bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
+#   STAGES=profile,mps MPS_PHASES=compiled,g2 bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #
 # It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session"):
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
 #   .gpu_data/la.u8.xz                      bench/pack_la.py's small LA subset (8-bit, cropped; speed only)
 #   .whl/                                   pydantic, medpy and their pure-Python needs
-# Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, session.log, and with PARITY=1
+# Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, session.log, where the card has
+# MPS and time is left gpu_<card>_mps.json + bench_mps.log, and with PARITY=1
 # parity_runs.tgz (the four `buarl train` folders, checkpoints left out). Stages get deadlines inside
 # BUDGET_S (default 570 s) so the files are written even when a stage runs long.
 # SMOKE=1 runs the same path on this CPU in a few minutes (tiny schedules; checks the script).
@@ -55,13 +57,35 @@ for shape in [(36, 128, 128), (2, 64, 64, 48)]:
 PY
 
 PARITY=${PARITY:-0}
+STAGES=${STAGES:-bench,mps}  # any of bench, profile, mps (in that order)
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
 # Issue 12: G1 (solo, then compiled with CUDA graphs), G2 (4 packed), G5 (evaluation), G3
 # (LA on the 2-labeled subset). Without the parity runs it has all but the packing-up time.
-BENCH_T=$(( $(left) - (PARITY == 1 ? 320 : 30) ))
-timeout $BENCH_T python3 bench/gpu.py --acdc /tmp/ACDC --la /tmp/LA --la-labeled 2 --iters $ITERS $DEV \
-    2>&1 | tee "$OUT/bench.log"
-[ "$SMOKE" = 1 ] || cp bench/results/gpu_*.json "$OUT/"
-echo "[$(( $(date +%s) - START )) s] bench done"
+if has bench; then
+    BENCH_T=$(( $(left) - (PARITY == 1 ? 320 : 30) ))
+    timeout $BENCH_T python3 bench/gpu.py --acdc /tmp/ACDC --la /tmp/LA --la-labeled 2 --iters $ITERS $DEV \
+        2>&1 | tee "$OUT/bench.log"
+    echo "[$(( $(date +%s) - START )) s] bench done"
+fi
+# Where a compiled iteration's time goes (torch.profiler; bench/results/gpu_profile_*.txt)
+if has profile && [ "$(left)" -gt 100 ]; then
+    timeout $(( $(left) > 200 ? 150 : $(left) - 40 )) python3 bench/gpu_profile.py --acdc /tmp/ACDC \
+        --compile ${PROFILE_COMPILE:-reduce-overhead} $DEV 2>&1 | tail -80
+    echo "[$(( $(date +%s) - START )) s] profile done"
+fi
+# G2 once more under MPS (processes share the GPU at once instead of by time slices), as a
+# cluster that packs trials would run it: eager G1 again as its baseline, then 4 packed.
+if has mps && [ "$SMOKE" != 1 ] && [ "$PARITY" != 1 ] && [ "$(left)" -gt 130 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    if nvidia-cuda-mps-control -d; then
+        timeout $(( $(left) - 15 )) python3 bench/gpu.py --acdc /tmp/ACDC --iters $ITERS \
+            --phases ${MPS_PHASES:-g2} --compile reduce-overhead --tag mps 2>&1 | tee "$OUT/bench_mps.log"
+        echo quit | nvidia-cuda-mps-control
+        echo "[$(( $(date +%s) - START )) s] MPS bench done"
+    fi
+fi
+[ "$SMOKE" = 1 ] || cp bench/results/gpu_*.json bench/results/gpu_profile_*.txt "$OUT/" 2>/dev/null
 if [ "$PARITY" != 1 ]; then echo "[$(( $(date +%s) - START )) s] session done"; exit 0; fi
 
 # Issue 11: BCP and BUARL at 3 labeled patients, the short schedule (700 + 2100, val every

@@ -1,11 +1,12 @@
 """G6 (issue 12): what Ray Tune + MLflow add to a sweep. The same trials run twice in one
-go: bare, one `buarl train` process after another, and as one `buarl-sweep` (a local Ray
-cluster, one trial at a time, every trial tracked in MLflow). Both sides are timed from
+go: bare, one `buarl train` process after another, and as one `buarl-sweep` per `--runners`
+entry (a local Ray cluster, one trial at a time, every trial tracked in MLflow). Both sides are timed from
 process start to exit, so the sweep's cluster start, data check, MLflow runs and shutdown
 all count. Same seeds on the CPU give the same metrics, so the test Dice of each trial is
 compared too: the sweep did the same work, not less. Writes bench/results/ray_overhead.json.
 
     python bench/ray_overhead.py --data-root ../shared/data/ACDC      # ~5-minute trials
+    python bench/ray_overhead.py --data-root ../shared/data/ACDC --runners auto train   # both, side by side
     python bench/ray_overhead.py --smoke                               # the phantom, ~2 minutes
 
 Run it alone: a second local Ray cluster on the machine is refused, and anything else using
@@ -114,6 +115,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     p.add_argument("--labeled", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--runners", nargs="+", choices=["auto", "train"], default=["auto"],
+                   help="one sweep per runner after the bare runs (auto: a one-worker trial runs its loop "
+                        "in the Tune trial; train: under a TorchTrainer as before)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ray_overhead.json")
     a = p.parse_args()
     if not a.smoke and not a.data_root:
@@ -134,39 +138,49 @@ def main() -> None:
         bare[seed] = {"wall_s": wall, "test_dice": metrics["dice"], "train_seconds": metrics["train_seconds"]}
         print(f"bare seed {seed}: {wall:.1f} s, test Dice {metrics['dice']:.4f}", flush=True)
 
-    space = {"description": "G6 bench: the bare trials as a sweep", "base_config": shape["base_config"],
-             "phantom_config": shape["base_config"], "fixed": shape["fixed"],
-             "grid": {"labeled": [a.labeled], "seed": a.seeds}, "num_samples": 1}
-    (work / "g6.yaml").write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    watch = CpuWatch()
-    sweep_wall = timed([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(work / "g6.yaml"),
-                        *data, "--tracking-uri", uri, "--storage", str(work / "ray_results"),
-                        "--threads", str(a.threads), "--max-concurrent", "1"], work / "sweep.log", watch)
-    trials = sweep_trials(uri, "g6")
-    if set(trials) != set(a.seeds):
-        sys.exit(f"ray_overhead: the sweep finished trials for seeds {sorted(trials)}, expected {a.seeds}; "
-                 f"its output: {work / 'sweep.log'}")
-
     bare_sum = sum(b["wall_s"] for b in bare.values())
-    fixed = (sweep_wall - bare_sum) / len(a.seeds)
-    ratio = sweep_wall / bare_sum
+    sweeps = {}
+    for runner in a.runners:
+        # the loop's process: a Train worker, or the Tune trial itself for a one-worker trial
+        trainer = "ray::RayTrainWorker" if runner == "train" else "ray::ImplicitFunc"
+        name = f"g6_{runner}"
+        space = {"description": f"G6 bench: the bare trials as a sweep (runner {runner})",
+                 "base_config": shape["base_config"], "phantom_config": shape["base_config"], "fixed": shape["fixed"],
+                 "grid": {"labeled": [a.labeled], "seed": a.seeds}, "num_samples": 1,
+                 "resources": {"workers": 1, "cpus_per_worker": 1, "runner": runner}}
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(space))
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+        watch = CpuWatch()
+        sweep_wall = timed([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(work / f"{name}.yaml"),
+                            *data, "--tracking-uri", uri, "--storage", str(work / "ray_results"),
+                            "--threads", str(a.threads), "--max-concurrent", "1"], work / f"{name}.log", watch)
+        trials = sweep_trials(uri, name)
+        if set(trials) != set(a.seeds):
+            sys.exit(f"ray_overhead: the sweep finished trials for seeds {sorted(trials)}, expected {a.seeds}; "
+                     f"its output: {work / (name + '.log')}")
+        fixed = (sweep_wall - bare_sum) / len(a.seeds)
+        ratio = sweep_wall / bare_sum
+        cpu = watch.by_name()
+        sweeps[runner] = {
+            "sweep_wall_s": round(sweep_wall, 1), "ratio": round(ratio, 3), "fixed_cost_per_trial_s": round(fixed, 1),
+            "sweep_trials": {str(s): {k: (round(v, 4) if v is not None else None) for k, v in t.items()}
+                             for s, t in trials.items()},
+            # CPU seconds per process name during the sweep: the training process against Ray's own
+            "sweep_cpu_seconds": {k: round(v, 1) for k, v in cpu.items() if v >= 1.0},
+            "training_process": trainer,
+            "ray_own_cpu_seconds": round(sum(v for k, v in cpu.items() if k.startswith("ray::") and k != trainer
+                                             or k in ("gcs_server", "raylet", "dashboard", "log_monitor")), 1),
+            "same_test_dice": all(abs(trials[s]["test_dice"] - bare[s]["test_dice"]) < 1e-9 for s in a.seeds),
+            "met": bool(ratio <= TARGET_RATIO and fixed <= TARGET_FIXED_S)}
+        print(f"sweep (runner {runner}): {sweep_wall:.1f} s, {ratio:.3f}x bare, {fixed:.1f} s per trial", flush=True)
+
     out = {
         "target": f"sweep wall <= {TARGET_RATIO} x sum of bare; fixed cost per trial <= {TARGET_FIXED_S} s",
         "smoke": a.smoke, "data_root": a.data_root, "base_config": shape["base_config"],
         "fixed": shape["fixed"], "labeled": a.labeled, "threads": a.threads,
         "bare": {str(s): {k: round(v, 4) for k, v in b.items()} for s, b in bare.items()},
-        "sweep_wall_s": round(sweep_wall, 1), "bare_wall_sum_s": round(bare_sum, 1),
-        "ratio": round(ratio, 3), "fixed_cost_per_trial_s": round(fixed, 1),
-        "sweep_trials": {str(s): {k: (round(v, 4) if v is not None else None) for k, v in t.items()}
-                         for s, t in trials.items()},
-        # CPU seconds per process name during the sweep: the training worker against Ray's own
-        "sweep_cpu_seconds": {k: round(v, 1) for k, v in watch.by_name().items() if v >= 1.0},
-        "ray_own_cpu_seconds": round(sum(v for k, v in watch.by_name().items()
-                                         if k.startswith("ray::") and k != "ray::RayTrainWorker"
-                                         or k in ("gcs_server", "raylet", "dashboard", "log_monitor")), 1),
-        "same_test_dice": all(abs(trials[s]["test_dice"] - bare[s]["test_dice"]) < 1e-9 for s in a.seeds),
-        "met": bool(ratio <= TARGET_RATIO and fixed <= TARGET_FIXED_S),
+        "bare_wall_sum_s": round(bare_sum, 1), "sweeps": sweeps,
+        "met": sweeps[a.runners[0]]["met"],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "work_dir": str(work),
     }

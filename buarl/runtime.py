@@ -62,19 +62,28 @@ def to_device(model: nn.Module, cfg: Config, device: torch.device, dim: int) -> 
     return model.to(device=device, memory_format=memory_format(cfg, dim))
 
 
-def compiled(model: nn.Module, cfg: Config) -> nn.Module:
-    """The module as training calls it: itself, or torch.compile'd with the config's mode. The
-    compiled wrapper shares the module's parameters and buffers (the EMA and checkpoints keep
-    using the module); shapes are fixed per call site, so no dynamic-shape graphs."""
-    if cfg.compile == "none":
+def compile_mode_of(cfg: Config, device: torch.device, world: int = 1) -> str:
+    """The torch.compile mode a run really uses: `auto` is CUDA graphs on a GPU with one worker
+    (measured 2.0-2.2x there), eager elsewhere: on CPUs compilation costs more than a short run
+    gains, and DDP's hooks fight CUDA-graph trees."""
+    if cfg.compile != "auto":
+        return cfg.compile
+    return "reduce-overhead" if device.type == "cuda" and world == 1 else "none"
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """The module as training calls it: itself, or torch.compile'd in `mode`. The compiled
+    wrapper shares the module's parameters and buffers (the EMA and checkpoints keep using the
+    module); shapes are fixed per call site, so no dynamic-shape graphs."""
+    if mode == "none":
         return model
-    return torch.compile(model, mode=None if cfg.compile == "default" else cfg.compile, dynamic=False)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
-def step_begin(cfg: Config) -> None:
+def step_begin(mode: str) -> None:
     """Tells CUDA-graph trees a new iteration starts: the previous one's graph outputs may be
     overwritten (the loop keeps none of them across iterations)."""
-    if cfg.compile in ("reduce-overhead", "max-autotune"):
+    if mode in ("reduce-overhead", "max-autotune"):
         torch.compiler.cudagraph_mark_step_begin()
 
 

@@ -42,8 +42,8 @@ from buarl.method.teacher import decay_at, ema_update, make_teacher
 from buarl.method.uncertainty import entropy_map, mc_probs, perturb
 from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
 from buarl.nets import build
-from buarl.runtime import (autocast, compiled, device_of, memory_format, precision_of, seed_everything,
-                           step_begin, to_device)
+from buarl.runtime import (autocast, compile_mode_of, compiled, device_of, memory_format, precision_of,
+                           seed_everything, step_begin, to_device)
 
 
 class Reporter:
@@ -113,8 +113,9 @@ class Loop:
             seed_everything(cfg.seed + 1000 * self.rank)  # dropout and noise differ per replica
         self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
         self.teacher = make_teacher(core)
-        self.teacher_net = compiled(self.teacher, cfg)  # shares the teacher's weights and buffers
-        self.student = wrap(SplitForward(compiled(core, cfg)))
+        self.compile = compile_mode_of(cfg, self.device, self.world)
+        self.teacher_net = compiled(self.teacher, self.compile)  # shares the teacher's weights and buffers
+        self.student = wrap(SplitForward(compiled(core, self.compile)))
         self.optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(enabled=precision_of(cfg, self.device) == "amp")
@@ -269,6 +270,9 @@ class Loop:
         if restored is not None:
             self.load(restored)
         started = time.time()
+        if self.compile != "none" and self.step < self.total:
+            print(f"buarl: compiling the training forwards (torch.compile mode {self.compile}); the first "
+                  "iterations take a minute or so (compile=none turns it off)", file=sys.stderr, flush=True)
         self.student.train()
         running: dict[str, torch.Tensor] = {}
         while self.step < self.total:
@@ -281,7 +285,7 @@ class Loop:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
 
-            step_begin(cfg)
+            step_begin(self.compile)
             lab_idx, unl_idx = self.sampler.next()
             x_l, y_l = (v.to(self.device) for v in data.batch(lab_idx, self.gen))
             if stage == "pretrain":

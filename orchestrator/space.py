@@ -72,6 +72,10 @@ class Resources(_Strict):
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    # auto: a one-worker trial runs the loop in its Tune trial process (no TorchTrainer, whose
+    # controller, worker actor and helper actors cost each trial seconds and CPU; BENCHMARKS.md
+    # G6); several workers run under Ray Train (DDP). train: Ray Train for every trial.
+    runner: Literal["auto", "train"] = "auto"
 
 
 class Space(_Strict):
@@ -250,11 +254,14 @@ def describe(plan: Plan) -> str:
               f"  iteration budget: {per_trial} per trial, {sum(budgets) * plan.trials_per_point} in total",
               f"  metric: {s.metric} ({s.mode})" + (f", ASHA grace {s.scheduler.grace_period} evaluations" if s.scheduler else ""),
               f"  resources: {r.workers} worker(s) x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU per trial; "
-              f"{plan.at_once} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker"]
+              f"{plan.at_once} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker; "
+              + ("the loop runs in each Tune trial" if r.workers == 1 and r.runner == "auto"
+                 else f"each trial runs under a Ray Train TorchTrainer ({'DDP' if r.workers > 1 else 'runner: train'})")]
     if 0 < r.gpus_per_worker < 1:
         lines.append(f"  GPU packing: {int(1 / r.gpus_per_worker)} trial(s) share each GPU "
                      f"({r.gpus_per_worker:g} GPU per worker); --max-concurrent up to "
-                     f"{int(1 / r.gpus_per_worker)} x the number of GPUs keeps them all busy")
+                     f"{int(1 / r.gpus_per_worker)} x the number of GPUs keeps them all busy; start NVIDIA MPS "
+                     "on the GPU nodes (nvidia-cuda-mps-control -d) or they take turns on the card (docs/cluster.md)")
     if plan.max_concurrent > plan.at_once:
         lines.append(f"  note: --max-concurrent {plan.max_concurrent} applies within a grid point, which has "
                      f"{plan.trials_per_point} trial(s), and grid points run one after another; to run grid "

@@ -253,22 +253,29 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.tracking import MlflowTrials
-    from orchestrator.trial import run_trial
+    from orchestrator.trial import in_trial, run_trial
 
     s = plan.space
     base = {**plan.base, **point.values, "threads": plan.threads_per_worker}
+    resources = s.resources.model_dump()
     trainable = tune.with_parameters(run_trial, base=base, storage=f"{storage}/{sweep}/train",
-                                     resources=s.resources.model_dump(), max_failures=s.max_failures)
-    # The trainable only waits on its TorchTrainer, whose workers hold the trial's CPUs/GPUs;
-    # Tune's default 1 CPU for it would halve how many trials fit on a small machine. A
-    # placement group needs some resource: the waiting process's memory is the true one.
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
+                                     resources=resources, max_failures=s.max_failures)
+    if in_trial(resources):  # the trial runs the loop: it holds the worker's CPUs and GPU share
+        r = s.resources
+        trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
+    else:
+        # The trainable only waits on its TorchTrainer, whose workers hold the trial's CPUs/GPUs;
+        # Tune's default 1 CPU for it would halve how many trials fit on a small machine. A
+        # placement group needs some resource: the waiting process's memory is the true one.
+        trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
     callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest)
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
                                 progress_reporter=progress_reporter(plan), verbose=1,
-                                # a trial lost with its node restarts, and its Train run resumes by name
-                                failure_config=tune.FailureConfig(max_failures=s.max_failures))
+                                # a trial lost with its node restarts: from Tune's last checkpoint (one
+                                # worker) or its Train run resumes by name
+                                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     if resume and tune.Tuner.can_restore(path):
         print(f"[{point.name}] resuming from {redact(path)}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,

@@ -251,7 +251,9 @@ class MlflowTrials(Callback):
         if run_id is None:
             return
         last = trial.last_result or {}
-        path = last.get("checkpoint_path")
+        # a Train run's checkpoint rides in its results; a one-worker trial's is Tune's own
+        checkpoint = getattr(trial, "checkpoint", None)
+        path = last.get("checkpoint_path") or (checkpoint.path if checkpoint else None)
         if path:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = copy_checkpoint(path, Path(tmp))

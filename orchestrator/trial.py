@@ -1,8 +1,11 @@
-"""One Tune trial = one Ray Train run of buarl's loop on 1..N workers.
+"""One Tune trial = one run of buarl's loop, on one worker or under Ray Train on N.
 
-The Tune function trainable builds a `TorchTrainer` named after the Tune trial id (so a
-restarted trial finds its own checkpoints) and calls `.fit()`. Each worker runs
-`buarl.train.train` with a `RayReporter`: the loop's one seam towards Ray.
+A trial of several workers (or `runner: train`): the Tune function trainable builds a
+`TorchTrainer` named after the Tune trial id (so a restarted trial finds its own checkpoints)
+and calls `.fit()`; each worker runs `buarl.train.train`. A one-worker trial runs the loop in
+the Tune trial process itself: Ray Train would add a controller, a worker actor and its helper
+actors for no DDP to set up. Either way a `RayReporter` is the loop's one seam towards Ray,
+reporting through `ray.train` (Train workers) or `ray.tune` (the trial itself).
 """
 from __future__ import annotations
 
@@ -41,13 +44,15 @@ def flat_test_metrics(metrics: dict) -> dict[str, float]:
 
 
 class RayReporter(Reporter):
-    """Reports every evaluation to Ray Train with a checkpoint that can resume the run."""
+    """Reports every evaluation with a checkpoint that can resume the run, to Ray Train (`api`
+    ray.train, on a Train worker) or to Tune (ray.tune, in a one-worker trial's own process):
+    both have report(metrics, checkpoint=), Checkpoint and get_checkpoint()."""
 
-    def __init__(self, cfg: Config, preview_cases: list):
+    def __init__(self, cfg: Config, preview_cases: list, api=None):
         import ray.train
-        self.train_api = ray.train
+        self.train_api = api or ray.train
         self.cfg, self.preview_cases = cfg, preview_cases
-        self.rank = ray.train.get_context().get_world_rank()
+        self.rank = ray.train.get_context().get_world_rank() if self.train_api is ray.train else 0
         self.scalars: dict[str, float] = {}
         self.state: Optional[dict] = None
         self.resumed_from = 0  # the iteration this worker's loop was restored at (0: a fresh start)
@@ -123,15 +128,37 @@ def train_worker(loop_config: dict) -> None:
                           "done": 1})
 
 
+def run_in_trial(values: dict) -> None:
+    """A one-worker trial: the loop in the Tune trial's own process, which holds the trial's
+    CPUs and GPU share (Ray sets CUDA_VISIBLE_DEVICES); Tune keeps its checkpoints and
+    restarts it from the last one after a failure."""
+    from ray import tune
+
+    cfg = validate(values, source="trial config")
+    data = load_benchmark(cfg)
+    try:
+        train(cfg, RayReporter(cfg, data.val or data.test, api=tune), data=data)
+    except TrainingDiverged as e:
+        tune.report({"diverged": 1, "stop_reason": str(e), "val_dice": 0.0, "best_val_dice": 0.0, "done": 1})
+
+
+def in_trial(resources: dict) -> bool:
+    """Whether a trial runs its loop in its own process (else under a TorchTrainer)."""
+    return resources["workers"] == 1 and resources.get("runner", "auto") == "auto"
+
+
 def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failures: int) -> None:
-    """The Tune function trainable: one TorchTrainer per trial, resumable by its name."""
+    """The Tune function trainable: the loop itself (one worker), or one TorchTrainer per
+    trial, resumable by its name."""
     from ray import tune
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()
     values = {**base, **config}
+    if in_trial(resources):
+        return run_in_trial(values)
+    trial_id = tune.get_context().get_trial_id()
     gpus = resources["gpus_per_worker"]
     worker_res = {"CPU": resources["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(

@@ -48,11 +48,64 @@ def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(mon
     fail = False
     gpu.main()
     report = json.loads(capsys.readouterr().out)
-    assert calls[:3] == [("acdc", 1, "none"), ("acdc", 1, "reduce-overhead"), ("acdc", 4, "none")]
+    # eager baseline, compiled solo, eager packing, LA, then packing and LA compiled
+    assert calls == [("acdc", 1, "none"), ("acdc", 1, "reduce-overhead"), ("acdc", 4, "none"), ("la", 1, "none"),
+                     ("acdc", 4, "reduce-overhead"), ("la", 2, "none"), ("la", 1, "reduce-overhead")]
     assert report["G1_acdc_solo_compiled"]["over_eager"] == 2.0
     assert report["G1_acdc_solo_compiled"]["protocol_minutes_upper_bound"] == round(40000 / 100 / 60, 1)
+    assert report["G2_acdc_packed_compiled"]["min_share_of_solo"] == 1.0
+    assert report["G2_acdc_packed_compiled"]["throughput_over_eager_solo"] == 8.0
+    assert report["G3_la"]["compiled"]["solo_it_per_s"] == 100.0
     fail, calls[:] = True, []
     gpu.main()
     report = json.loads(capsys.readouterr().out)
-    assert "skipping cudagraphs" in report["G1_acdc_solo_compiled"]["error"]
-    assert "G2_acdc_packed" in report and "G3_la" in report  # the bench went on
+    assert "skipping cudagraphs" in report["G1_compile_failures"]["reduce-overhead"]
+    assert "G1_acdc_solo_compiled" not in report and "G2_acdc_packed_compiled" not in report
+    assert "G2_acdc_packed" in report and "G3_la" in report  # the bench went on, eager only
+    assert ("acdc", 4, "reduce-overhead") not in calls
+
+
+def test_a_failed_compile_mode_falls_back_to_the_next(monkeypatch, capsys):
+    gpu = _load_gpu()
+    calls = []
+
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none"):
+        calls.append((kind, n, compile_mode))
+        if compile_mode == "reduce-overhead":
+            raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nCUDA graphs")
+        each = 50.0 * (1.5 if compile_mode == "default" else 1.0)
+        return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
+    monkeypatch.setattr(gpu, "phase", fake_phase)
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--compile", "reduce-overhead,default"])
+    gpu.main()
+    report = json.loads(capsys.readouterr().out)
+    assert calls[1:3] == [("acdc", 1, "reduce-overhead"), ("acdc", 1, "default")]
+    assert report["G1_acdc_solo_compiled"]["compile"] == "default" and report["G1_acdc_solo_compiled"]["over_eager"] == 1.5
+    assert ("acdc", 4, "default") in calls and "CUDA graphs" in report["G1_compile_failures"]["reduce-overhead"]
+
+
+def test_an_unknown_compile_mode_is_refused_before_any_phase(monkeypatch):
+    gpu = _load_gpu()
+    monkeypatch.setattr(gpu, "phase", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a phase ran")))
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--compile", "reduce_overhead"])
+    import pytest
+    with pytest.raises(SystemExit, match="reduce_overhead"):
+        gpu.main()
+
+
+def test_gpu_profile_reports_speed_and_where_the_time_goes(tmp_path, monkeypatch):
+    """bench/gpu_profile.py on the CPU with the phantom: iterations only (no evaluation), a
+    header with the speeds and the profiler's tables."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_profile", ROOT / "bench" / "gpu_profile.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    out = tmp_path / "profile.txt"
+    monkeypatch.setattr(sys, "argv", ["gpu_profile.py", "--device", "cpu", "--iters", "2", "--warmup", "1",
+                                      "--out", str(out)])
+    import buarl.train as train_module
+    evaluate = train_module.evaluate
+    prof.main()
+    assert train_module.evaluate is evaluate  # the loop's evaluation is back for everything after
+    text = out.read_text()
+    assert "compile=none, config phantom" in text and "unprofiled:" in text and "GPU busy 0.0 ms" in text
+    assert "aten::convolution" in text and text.count("Self CPU time total") == 2

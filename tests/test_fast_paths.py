@@ -114,6 +114,29 @@ def test_auto_precision_on_a_gpu_is_bf16_where_the_card_has_it(monkeypatch):
     assert precision_of(cfg, torch.device("cuda")) == "amp"
 
 
+def test_auto_compile_is_cuda_graphs_on_a_single_gpu_worker_only():
+    from buarl.config import load_config
+    from buarl.runtime import compile_mode_of
+
+    auto = load_config("phantom", {})
+    assert auto.compile == "auto"
+    assert compile_mode_of(auto, torch.device("cuda")) == "reduce-overhead"
+    assert compile_mode_of(auto, torch.device("cuda"), world=2) == "none"  # DDP
+    assert compile_mode_of(auto, torch.device("cpu")) == "none"
+    for mode in ("none", "default", "reduce-overhead"):  # an explicit mode is kept everywhere
+        cfg = load_config("phantom", {"compile": mode})
+        assert compile_mode_of(cfg, torch.device("cpu")) == compile_mode_of(cfg, torch.device("cuda"), 2) == mode
+
+
+def test_a_cpu_run_with_the_default_config_stays_eager(acdc_phantom):
+    from buarl.config import load_config
+    from buarl.train import Loop, Reporter
+
+    cfg = load_config("phantom", {"data_root": str(acdc_phantom), "labeled": 2, "iters": 1, "pretrain_iters": 0})
+    loop = Loop(cfg, Reporter(), lambda m: m)
+    assert loop.compile == "none" and loop.teacher_net is loop.teacher and loop.student.core is loop.core
+
+
 @pytest.mark.slow
 def test_compiled_training_follows_the_eager_loop(acdc_phantom, monkeypatch):
     """`compile` changes how the forwards run, not what they compute: the same seed gives the

@@ -162,7 +162,8 @@ def test_diverging_trial_stops_with_reason_and_sweep_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_lost_worker_resumes_from_checkpoint(tmp_path):
-    """Kill the Ray Train worker mid-trial: the trial continues from its last checkpoint, and
+    """Kill the process running a one-worker trial's loop (the Tune trial itself: no Ray Train
+    for one worker) mid-trial: the trial continues from its last checkpoint, and
     ends exactly where an unkilled run of the same seed ends: the same value at every
     evaluation, each logged once, the same test metrics and the same best weights. A restore
     that skipped the optimizer, the sampler streams, an RNG or the best weights would differ."""
@@ -186,7 +187,7 @@ def test_lost_worker_resumes_from_checkpoint(tmp_path):
                 # only this sweep's worker: its local cluster (and so the worker) descends from
                 # the driver, while other Ray clusters on the machine must not be touched
                 for p in psutil.Process(proc.pid).children(recursive=True):
-                    if any("RayTrainWorker" in c for c in p.cmdline()):
+                    if any("ImplicitFunc" in c for c in p.cmdline()):  # Tune's function-trial actor
                         p.kill()
                         killed = steps
                         break
@@ -237,9 +238,11 @@ def test_lost_node_trial_continues_on_remaining_nodes(tmp_path):
     """A cluster on this machine whose head has no CPUs, so the trial's Ray Train worker (1 CPU)
     provably runs on the other node: that node is removed mid-trial and replaced (as an
     autoscaler would); the trial continues from its checkpoint and finishes with one
-    continuous history."""
+    continuous history. `runner: train` keeps the Ray Train path (DDP's, for several workers)
+    under this test; the lost-worker test covers a one-worker trial's own."""
     space = _space(tmp_path, "lostnode", fixed={"pretrain_iters": 4, "iters": 40, "eval_every": 4,
-                                                "log_every": 4, "threads": 1})
+                                                "log_every": 4, "threads": 1},
+                   resources={"workers": 1, "cpus_per_worker": 1, "runner": "train"})
     script = f"""
 import os, threading, time, sys
 from ray.cluster_utils import Cluster

@@ -70,6 +70,7 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     ("grid: {labeled: [2]}\nresources: {workers: 64}\n", "one trial needs 64 CPUs"),
     ("grid: {labeled: [2]}\nfixed: {labeled_bs: 99}\n", "labeled_bs=99 is larger than batch_size"),
     ("grid: {labeled: [2]}\nmetric: loss\nmode: min\n", "'loss' is not a metric the trials report (use best_val_dice, val_dice, train_loss)"),
+    ("grid: {labeled: [2]}\nresources: {runner: ray}\n", "resources.runner"),
     ("grid: [1, 2\n", "not valid YAML"),
     ("- just a list\n", "expected a mapping"),
 ])
@@ -125,7 +126,7 @@ def test_paper_spaces_pack_four_trials_per_gpu(capsys):
     for name in ("paper_acdc", "paper_la"):
         assert main(["--space", name, "--dry-run"]) == 0, name
         out = capsys.readouterr().out
-        assert "0.25 GPU per trial" in out and "GPU packing: 4 trial(s) share each GPU" in out, name
+        assert "0.25 GPU per trial" in out and "GPU packing: 4 trial(s) share each GPU" in out and "nvidia-cuda-mps-control -d" in out, name
     assert main(["--space", "thresholds", "--dry-run"]) == 0
     assert "GPU packing" not in capsys.readouterr().out
 
@@ -157,3 +158,23 @@ def test_mlflow_ui_port_is_free(monkeypatch):
         assert port != 5000
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("resources, where", [
+    ("{workers: 1}", "the loop runs in each Tune trial"),
+    ("{workers: 1, runner: train}", "each trial runs under a Ray Train TorchTrainer (runner: train)"),
+    ("{workers: 2}", "each trial runs under a Ray Train TorchTrainer (DDP)"),
+])
+def test_the_plan_says_where_a_trial_runs_its_loop(tmp_path, capsys, resources, where):
+    path = _write(tmp_path, f"base_config: phantom\ngrid: {{labeled: [2]}}\nresources: {resources}\n")
+    assert main(["--space", str(path), "--dry-run"]) == 0
+    assert where in capsys.readouterr().out
+
+
+def test_only_a_one_worker_trial_runs_its_loop_in_the_tune_trial():
+    from orchestrator.space import Resources
+    from orchestrator.trial import in_trial
+
+    assert in_trial(Resources().model_dump())
+    assert not in_trial(Resources(runner="train").model_dump())
+    assert not in_trial(Resources(workers=2).model_dump())  # DDP needs Ray Train's worker group

@@ -53,7 +53,7 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert set(children["tags.buarl.code_digest"]) == {parents.iloc[0]["tags.buarl.code_digest"]}
     # one Optuna study per label ratio: two grid points, two trials each, two Tune experiments
     assert sorted(children["tags.buarl.grid_point"].value_counts().tolist()) == [2, 2]
-    # each trial's trainable holds no CPU, so two 1-CPU trials run at once on two cores
+    # each trial holds its one CPU (the loop runs in it), so two trials run at once on two cores
     if (os.cpu_count() or 1) >= 2:
         for _, g in children.groupby("tags.buarl.grid_point"):
             a, b = g.sort_values("start_time").itertuples()

@@ -155,3 +155,25 @@ def test_a_log_report_adds_training_curves_only(sweep):
     assert _history(client, run, "train_lr") == [(6, 0.01), (8, 0.01)]
     assert _history(client, run, "val_dice") == [(4, 0.3), (8, 0.5)]
     assert "report" not in client.get_run(run).data.metrics
+
+
+@pytest.mark.parametrize("source", ["train_result", "tune_checkpoint"])
+def test_a_finished_trials_folder_is_found_in_either_checkpoint(sweep, tmp_path, source):
+    """A trial under a TorchTrainer names its checkpoint in its last result; a one-worker
+    trial's checkpoint is Tune's own (trial.checkpoint): either way its files reach MLflow."""
+    client, exp, parent = sweep
+    folder = tmp_path / "checkpoint_000003"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"dice": 0.5}')
+    (folder / "config.yaml").write_text("base: bcp\n")
+    driver = _driver(client, exp, parent)
+    if source == "train_result":
+        trial = _trial("a", {"iteration": 10, "checkpoint_path": str(folder)})
+    else:
+        trial = _trial("a", {"iteration": 10})
+        trial.checkpoint = SimpleNamespace(path=str(folder))
+    driver.on_trial_start(0, [], trial)
+    driver.on_trial_complete(0, [], trial)
+    run_id = driver.runs["a"]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "config.yaml"}
+    assert client.get_run(run_id).info.status == "FINISHED"
