@@ -100,8 +100,8 @@ class Config(BaseModel):
     threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")
     # torch.compile of the training forwards (student and teacher); reduce-overhead adds
     # CUDA graphs, the launches that bound a GPU iteration (2.0-2.2x on an H200, BENCHMARKS.md).
-    # auto: reduce-overhead on a GPU run of one worker, none on CPUs (slower to warm up than a
-    # short run gains) and under DDP. Evaluation stays eager.
+    # auto: reduce-overhead on a bf16 GPU run of one worker, none on CPUs (slower to warm up
+    # than a short run gains), under DDP and with fp16 AMP (not measured). Evaluation stays eager.
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
 
     @model_validator(mode="before")

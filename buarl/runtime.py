@@ -63,12 +63,14 @@ def to_device(model: nn.Module, cfg: Config, device: torch.device, dim: int) -> 
 
 
 def compile_mode_of(cfg: Config, device: torch.device, world: int = 1) -> str:
-    """The torch.compile mode a run really uses: `auto` is CUDA graphs on a GPU with one worker
-    (measured 2.0-2.2x there), eager elsewhere: on CPUs compilation costs more than a short run
-    gains, and DDP's hooks fight CUDA-graph trees."""
+    """The torch.compile mode a run really uses: `auto` is CUDA graphs on a bf16 GPU with one
+    worker (measured 2.0-2.2x on an H200), eager elsewhere: on CPUs compilation costs more than
+    a short run gains, DDP's hooks fight CUDA-graph trees, and fp16 AMP with its loss scaler
+    (pre-Ampere cards) was never measured with them."""
     if cfg.compile != "auto":
         return cfg.compile
-    return "reduce-overhead" if device.type == "cuda" and world == 1 else "none"
+    cuda_graphs = device.type == "cuda" and world == 1 and precision_of(cfg, device) == "bf16"
+    return "reduce-overhead" if cuda_graphs else "none"
 
 
 def compiled(model: nn.Module, mode: str) -> nn.Module:

@@ -114,15 +114,19 @@ def test_auto_precision_on_a_gpu_is_bf16_where_the_card_has_it(monkeypatch):
     assert precision_of(cfg, torch.device("cuda")) == "amp"
 
 
-def test_auto_compile_is_cuda_graphs_on_a_single_gpu_worker_only():
+def test_auto_compile_is_cuda_graphs_on_a_single_bf16_gpu_worker_only(monkeypatch):
     from buarl.config import load_config
     from buarl.runtime import compile_mode_of
 
     auto = load_config("phantom", {})
     assert auto.compile == "auto"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert compile_mode_of(auto, torch.device("cuda")) == "reduce-overhead"
     assert compile_mode_of(auto, torch.device("cuda"), world=2) == "none"  # DDP
+    assert compile_mode_of(load_config("phantom", {"precision": "fp32"}), torch.device("cuda")) == "none"
     assert compile_mode_of(auto, torch.device("cpu")) == "none"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # fp16 AMP: not measured
+    assert compile_mode_of(auto, torch.device("cuda")) == "none"
     for mode in ("none", "default", "reduce-overhead"):  # an explicit mode is kept everywhere
         cfg = load_config("phantom", {"compile": mode})
         assert compile_mode_of(cfg, torch.device("cpu")) == compile_mode_of(cfg, torch.device("cuda"), 2) == mode
