@@ -35,11 +35,14 @@ REAL = {"base_config": "acdc_cpu", "fixed": {"pretrain_iters": 250, "iters": 500
 SMOKE = {"base_config": "phantom", "fixed": {"pretrain_iters": 10, "iters": 20, "eval_every": 10}}
 
 
+RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "log_monitor")
+
+
 def cpu_seconds() -> dict[int, tuple[str, float]]:
     """pid -> (name, CPU seconds so far) of every process on the machine. Ray retitles its
     processes (ray::ImplicitFunc -> ray::ImplicitFunc.train), so pids are the keys and a
     title is cut at its first dot."""
-    daemons = ("sweep.py", "gcs_server", "raylet", "dashboard", "log_monitor")
+    daemons = ("sweep.py", *RAY_DAEMONS)
     out = {}
     for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
         cmd, times = " ".join(proc.info["cmdline"] or []), proc.info["cpu_times"]
@@ -132,8 +135,9 @@ def main() -> None:
         sets = [f"{k}={v}" for k, v in {**shape["fixed"], "labeled": a.labeled, "seed": seed,
                                          "threads": a.threads}.items()]
         run = work / f"bare_{seed}"
+        # sampled like the sweeps, so the sampler's own CPU weighs on both sides
         wall = timed([str(bin_dir / "buarl"), "train", "--config", shape["base_config"], *data,
-                      "--set", *sets, "--out", str(run)], work / f"bare_{seed}.log")
+                      "--set", *sets, "--out", str(run)], work / f"bare_{seed}.log", CpuWatch())
         metrics = json.loads((run / "metrics.json").read_text())
         bare[seed] = {"wall_s": wall, "test_dice": metrics["dice"], "train_seconds": metrics["train_seconds"]}
         print(f"bare seed {seed}: {wall:.1f} s, test Dice {metrics['dice']:.4f}", flush=True)
@@ -169,7 +173,7 @@ def main() -> None:
             "sweep_cpu_seconds": {k: round(v, 1) for k, v in cpu.items() if v >= 1.0},
             "training_process": trainer,
             "ray_own_cpu_seconds": round(sum(v for k, v in cpu.items() if k.startswith("ray::") and k != trainer
-                                             or k in ("gcs_server", "raylet", "dashboard", "log_monitor")), 1),
+                                             or k in RAY_DAEMONS), 1),
             "same_test_dice": all(abs(trials[s]["test_dice"] - bare[s]["test_dice"]) < 1e-9 for s in a.seeds),
             "met": bool(ratio <= TARGET_RATIO and fixed <= TARGET_FIXED_S)}
         print(f"sweep (runner {runner}): {sweep_wall:.1f} s, {ratio:.3f}x bare, {fixed:.1f} s per trial", flush=True)
