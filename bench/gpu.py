@@ -157,6 +157,12 @@ def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, la
     return results, util.mean(window if window and window[0] < window[1] else None)
 
 
+def protocol_minutes(kind: str, it_per_s: float) -> float:
+    """The full protocol (pre-training + self-training) at this speed, start-up and
+    evaluations left out: an upper bound on what the speed alone allows."""
+    return round(sum(PROTOCOL_ITERS[kind]) / it_per_s / 60, 1)
+
+
 def _phase_note(name: str, results: list[dict]) -> dict:
     """What a phase cost (start-up, compilation and evaluation included): for planning loans."""
     return {"phase": name, "wall_s": max(r.get("phase_wall_s", 0) for r in results),
@@ -215,42 +221,19 @@ def main() -> None:
             path = ROOT / "bench" / "results" / f"gpu_{card}{'_' + a.tag if a.tag else ''}.json"
             path.write_text(json.dumps(report, indent=2) + "\n")
 
-    # Phases in order of what a short GPU loan most needs: eager G1 (+ G5) is the baseline on
-    # this card; CUDA graphs are the step the profile points to; then packing and LA, eager
-    # first (comparable with earlier cards), compiled where compilation worked.
-    solo, util_solo = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 0)
-    report["card"] = solo[0]["gpu"]
-    speed = solo[0]["it_per_s"]
-    pre, self_ = PROTOCOL_ITERS["acdc"]
-    report["G1_acdc_solo"] = {"it_per_s": round(speed, 2), "gpu_util_pct": util_solo,
-                              "target": ">= 45 it/s and >= 70 % utilisation",
-                              "protocol_minutes_upper_bound": round((pre + self_) / speed / 60, 1)}
-    report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
-                               "target": "<= 5 s on a GPU"}
-    report["phases"] = [_phase_note("G1 eager", solo)]
-    save("solo")
-
-    modes = [m for m in (a.compile or ("none" if a.smoke else "reduce-overhead,default")).split(",")
-             if m != "none" and "compiled" in phases]
-    compiled_mode = None
-    for mode in modes:  # the first that works; a failure is a result, not the end of the bench
+    def measure(name: str, kind: str, root, n: int, labeled: int, test_cases: int = 1, mode: str = "none"):
+        """One phase, its cost kept in report["phases"]. A compiled phase that fails is a
+        result (its error in report["compile_failures"], None back), not the end of the bench."""
         try:
-            comp, util_comp = phase("acdc", a.acdc, iters, 1, device, a.smoke, acdc_l, 1, mode)
+            results, util = phase(kind, root, iters, n, device, a.smoke, labeled, test_cases, mode)
         except SystemExit as e:
-            report.setdefault("G1_compile_failures", {})[mode] = str(e)[-2000:]
-            save(f"solo compiled {mode} failed")
-            continue
-        compiled_mode = mode
-        report["G1_acdc_solo_compiled"] = {
-            "compile": mode, "it_per_s": round(comp[0]["it_per_s"], 2), "gpu_util_pct": util_comp,
-            "over_eager": round(comp[0]["it_per_s"] / speed, 2),
-            "protocol_minutes_upper_bound": round((pre + self_) / comp[0]["it_per_s"] / 60, 1),
-            "loss_last": comp[0].get("loss_last"), "eager_loss_last": solo[0].get("loss_last"),
-            **{k: comp[0][k] for k in ("cudagraph_skips", "skip_reasons", "graph_breaks", "first_log_s") if k in comp[0]},
-            "note": "speed after the warm-up logs: compilation is not in it (first_log_s is)"}
-        report["phases"].append(_phase_note(f"G1 {mode}", comp))
-        save("solo compiled")
-        break
+            if mode == "none":
+                raise
+            report.setdefault("compile_failures", {})[name] = str(e)[-2000:]
+            save(f"{name} failed")
+            return None, None
+        report["phases"].append(_phase_note(name, results))
+        return results, util
 
     def packed_report(results, util, solo_speed):
         each = [r["it_per_s"] for r in results]
@@ -259,43 +242,67 @@ def main() -> None:
                 "throughput_over_solo": round(sum(each) / solo_speed, 2),
                 "target": f">= {a.packed} trials at >= 80 % of solo each"}
 
+    # Phases in order of what a short GPU loan most needs: eager G1 (+ G5) is the baseline on
+    # this card; CUDA graphs are the step the profile points to; then packing and LA, eager
+    # first (comparable with earlier cards), compiled where compilation worked.
+    report["phases"] = []
+    solo, util_solo = measure("G1 eager", "acdc", a.acdc, 1, acdc_l, test_cases=0)
+    report["card"] = solo[0]["gpu"]
+    speed = solo[0]["it_per_s"]
+    report["G1_acdc_solo"] = {"it_per_s": round(speed, 2), "gpu_util_pct": util_solo,
+                              "target": ">= 45 it/s and >= 70 % utilisation",
+                              "protocol_minutes_upper_bound": protocol_minutes("acdc", speed)}
+    report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
+                               "target": "<= 5 s on a GPU"}
+    save("solo")
+
+    modes = [m for m in (a.compile or ("none" if a.smoke else "reduce-overhead,default")).split(",")
+             if m != "none" and "compiled" in phases]
+    compiled_mode = None
+    for mode in modes:  # the first that works
+        comp, util_comp = measure(f"G1 {mode}", "acdc", a.acdc, 1, acdc_l, mode=mode)
+        if comp is None:
+            continue
+        compiled_mode, comp_speed = mode, comp[0]["it_per_s"]
+        report["G1_acdc_solo_compiled"] = {
+            "compile": mode, "it_per_s": round(comp_speed, 2), "gpu_util_pct": util_comp,
+            "over_eager": round(comp_speed / speed, 2), "protocol_minutes_upper_bound": protocol_minutes("acdc", comp_speed),
+            "loss_last": comp[0].get("loss_last"), "eager_loss_last": solo[0].get("loss_last"),
+            **{k: comp[0][k] for k in ("cudagraph_skips", "skip_reasons", "graph_breaks", "first_log_s") if k in comp[0]},
+            "note": "speed after the warm-up logs: compilation is not in it (first_log_s is)"}
+        save("solo compiled")
+        break
+
     if "g2" in phases:
-        packed, util_packed = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1)
+        packed, util_packed = measure("G2 eager", "acdc", a.acdc, a.packed, acdc_l)
         report["G2_acdc_packed"] = packed_report(packed, util_packed, speed)
-        report["phases"].append(_phase_note("G2 eager", packed))
         save("packed")
     la = (a.la or a.smoke) and "g3" in phases
     la_l = labeled_for("la", a.smoke, a.la_labeled)
-    la_pre, la_self = PROTOCOL_ITERS["la"]
     if la:
-        la_solo, la_util = phase("la", a.la, iters, 1, device, a.smoke, la_l, 1)
+        la_solo, la_util = measure("G3 eager", "la", a.la, 1, la_l)
         report["G3_la"] = {"solo_it_per_s": round(la_solo[0]["it_per_s"], 2), "gpu_util_pct": la_util,
-                           "protocol_minutes_upper_bound": round((la_pre + la_self) / la_solo[0]["it_per_s"] / 60, 1)}
-        report["phases"].append(_phase_note("G3 eager", la_solo))
+                           "protocol_minutes_upper_bound": protocol_minutes("la", la_solo[0]["it_per_s"])}
         save("la solo")
     if compiled_mode and "g2" in phases:
-        c_packed, c_util = phase("acdc", a.acdc, iters, a.packed, device, a.smoke, acdc_l, 1, compiled_mode)
-        report["G2_acdc_packed_compiled"] = {"compile": compiled_mode,
-                                             **packed_report(c_packed, c_util, comp[0]["it_per_s"]),
-                                             "throughput_over_eager_solo": round(sum(r["it_per_s"] for r in c_packed) / speed, 2)}
-        report["phases"].append(_phase_note(f"G2 {compiled_mode}", c_packed))
-        save("packed compiled")
+        c_packed, c_util = measure(f"G2 {compiled_mode}", "acdc", a.acdc, a.packed, acdc_l, mode=compiled_mode)
+        if c_packed:
+            report["G2_acdc_packed_compiled"] = {
+                "compile": compiled_mode, **packed_report(c_packed, c_util, comp_speed),
+                "throughput_over_eager_solo": round(sum(r["it_per_s"] for r in c_packed) / speed, 2)}
+            save("packed compiled")
     if la:
-        la_packed, _ = phase("la", a.la, iters, 2, device, a.smoke, la_l, 1)
+        la_packed, _ = measure("G3 eager x2", "la", a.la, 2, la_l)
         report["G3_la"]["packed_2_it_per_s_each"] = [round(r["it_per_s"], 2) for r in la_packed]
-        report["phases"].append(_phase_note("G3 eager x2", la_packed))
         save("la packed")
     if la and compiled_mode:
-        try:
-            la_comp, la_cutil = phase("la", a.la, iters, 1, device, a.smoke, la_l, 1, compiled_mode)
-            report["G3_la"]["compiled"] = {"compile": compiled_mode, "solo_it_per_s": round(la_comp[0]["it_per_s"], 2),
-                                           "gpu_util_pct": la_cutil,
-                                           "protocol_minutes_upper_bound": round((la_pre + la_self) / la_comp[0]["it_per_s"] / 60, 1),
-                                           **{k: la_comp[0][k] for k in ("cudagraph_skips", "skip_reasons") if k in la_comp[0]}}
-            report["phases"].append(_phase_note(f"G3 {compiled_mode}", la_comp))
-        except SystemExit as e:
-            report["G3_la"]["compiled"] = {"compile": compiled_mode, "error": str(e)[-2000:]}
-        save("la compiled")
+        la_comp, la_cutil = measure(f"G3 {compiled_mode}", "la", a.la, 1, la_l, mode=compiled_mode)
+        if la_comp:
+            report["G3_la"]["compiled"] = {
+                "compile": compiled_mode, "solo_it_per_s": round(la_comp[0]["it_per_s"], 2), "gpu_util_pct": la_cutil,
+                "protocol_minutes_upper_bound": protocol_minutes("la", la_comp[0]["it_per_s"]),
+                **{k: la_comp[0][k] for k in ("cudagraph_skips", "skip_reasons") if k in la_comp[0]}}
+            save("la compiled")
     print(json.dumps(report, indent=2))
     if path:
         print(f"wrote {path}")

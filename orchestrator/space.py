@@ -77,6 +77,11 @@ class Resources(_Strict):
     # G6); several workers run under Ray Train (DDP). train: Ray Train for every trial.
     runner: Literal["auto", "train"] = "auto"
 
+    @property
+    def loop_in_trial(self) -> bool:
+        """Whether a trial runs the loop in its own Tune process (else under a TorchTrainer)."""
+        return self.workers == 1 and self.runner == "auto"
+
 
 class Space(_Strict):
     name: Optional[str] = None
@@ -255,7 +260,7 @@ def describe(plan: Plan) -> str:
               f"  metric: {s.metric} ({s.mode})" + (f", ASHA grace {s.scheduler.grace_period} evaluations" if s.scheduler else ""),
               f"  resources: {r.workers} worker(s) x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU per trial; "
               f"{plan.at_once} trial(s) at once; {plan.threads_per_worker} torch thread(s) per worker; "
-              + ("the loop runs in each Tune trial" if r.workers == 1 and r.runner == "auto"
+              + ("the loop runs in each Tune trial" if r.loop_in_trial
                  else f"each trial runs under a Ray Train TorchTrainer ({'DDP' if r.workers > 1 else 'runner: train'})")]
     if 0 < r.gpus_per_worker < 1:
         lines.append(f"  GPU packing: {int(1 / r.gpus_per_worker)} trial(s) share each GPU "

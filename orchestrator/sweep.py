@@ -253,15 +253,13 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.tracking import MlflowTrials
-    from orchestrator.trial import in_trial, run_trial
+    from orchestrator.trial import run_trial
 
-    s = plan.space
+    s, r = plan.space, plan.space.resources
     base = {**plan.base, **point.values, "threads": plan.threads_per_worker}
-    resources = s.resources.model_dump()
     trainable = tune.with_parameters(run_trial, base=base, storage=f"{storage}/{sweep}/train",
-                                     resources=resources, max_failures=s.max_failures)
-    if in_trial(resources):  # the trial runs the loop: it holds the worker's CPUs and GPU share
-        r = s.resources
+                                     resources=r.model_dump(), max_failures=s.max_failures)
+    if r.loop_in_trial:  # the trial runs the loop: it holds the worker's CPUs and GPU share
         trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
     else:
         # The trainable only waits on its TorchTrainer, whose workers hold the trial's CPUs/GPUs;

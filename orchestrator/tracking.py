@@ -252,8 +252,7 @@ class MlflowTrials(Callback):
             return
         last = trial.last_result or {}
         # a Train run's checkpoint rides in its results; a one-worker trial's is Tune's own
-        checkpoint = getattr(trial, "checkpoint", None)
-        path = last.get("checkpoint_path") or (checkpoint.path if checkpoint else None)
+        path = last.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
         if path:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = copy_checkpoint(path, Path(tmp))

@@ -22,6 +22,7 @@ from buarl.data import load_benchmark
 from buarl.errors import TrainingDiverged
 from buarl.provenance import source_digest
 from buarl.train import Reporter, train
+from orchestrator.space import Resources
 
 STATE = "state.pt"
 # The packages a worker runs: the sweep ships them to every worker (Ray `py_modules`), so a
@@ -48,11 +49,11 @@ class RayReporter(Reporter):
     ray.train, on a Train worker) or to Tune (ray.tune, in a one-worker trial's own process):
     both have report(metrics, checkpoint=), Checkpoint and get_checkpoint()."""
 
-    def __init__(self, cfg: Config, preview_cases: list, api=None):
+    def __init__(self, cfg: Config, preview_cases: list, api):
         import ray.train
-        self.train_api = api or ray.train
+        self.api = api
         self.cfg, self.preview_cases = cfg, preview_cases
-        self.rank = ray.train.get_context().get_world_rank() if self.train_api is ray.train else 0
+        self.rank = ray.train.get_context().get_world_rank() if self.api is ray.train else 0
         self.scalars: dict[str, float] = {}
         self.state: Optional[dict] = None
         self.resumed_from = 0  # the iteration this worker's loop was restored at (0: a fresh start)
@@ -67,16 +68,16 @@ class RayReporter(Reporter):
         checkpoint), so the run's charts have curves; the driver logs only their train_*
         keys (`report`=0), the evaluation keys ride along for Tune."""
         self.scalars = {f"train_{k}": float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
-        self.train_api.report({**self.last_eval, **self.scalars, "iteration": step, "report": 0,
+        self.api.report({**self.last_eval, **self.scalars, "iteration": step, "report": 0,
                                "evaluations": self.evaluations, "done": 0})
 
     def _report(self, metrics: dict, write: Callable[[Path], None]) -> None:
         if self.rank != 0:  # every rank reports; rank 0 alone writes the checkpoint
-            self.train_api.report(metrics)
+            self.api.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
             write(Path(d))
-            self.train_api.report(metrics, checkpoint=self.train_api.Checkpoint.from_directory(d))
+            self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(d))
 
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
         self.state = state
@@ -87,7 +88,7 @@ class RayReporter(Reporter):
                      lambda folder: torch.save(state, folder / STATE))
 
     def restore(self) -> Optional[dict]:
-        ckpt = self.train_api.get_checkpoint()
+        ckpt = self.api.get_checkpoint()
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
@@ -109,6 +110,16 @@ class RayReporter(Reporter):
         self._report(final, write)
 
 
+def run_loop(cfg: Config, api, wrap: Callable = lambda m: m) -> None:
+    """buarl's loop with a RayReporter on `api` (ray.train or ray.tune). A diverged trial ends
+    early with its reason; it is not retried (it would diverge again)."""
+    data = load_benchmark(cfg)
+    try:
+        train(cfg, RayReporter(cfg, data.val or data.test, api), wrap=wrap, data=data)
+    except TrainingDiverged as e:
+        api.report({"diverged": 1, "stop_reason": str(e), "val_dice": 0.0, "best_val_dice": 0.0, "done": 1})
+
+
 def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train.torch
@@ -117,34 +128,8 @@ def train_worker(loop_config: dict) -> None:
     if cfg.device.startswith("cuda"):
         cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
     world = ray.train.get_context().get_world_size()
-    data = load_benchmark(cfg)
-    reporter = RayReporter(cfg, data.val or data.test)
-    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m)
-    try:
-        train(cfg, reporter, wrap=wrap, data=data)
-    except TrainingDiverged as e:
-        # A diverged trial ends early with its reason; it is not retried (it would diverge again).
-        ray.train.report({"diverged": 1, "stop_reason": str(e), "val_dice": 0.0, "best_val_dice": 0.0,
-                          "done": 1})
-
-
-def run_in_trial(values: dict) -> None:
-    """A one-worker trial: the loop in the Tune trial's own process, which holds the trial's
-    CPUs and GPU share (Ray sets CUDA_VISIBLE_DEVICES); Tune keeps its checkpoints and
-    restarts it from the last one after a failure."""
-    from ray import tune
-
-    cfg = validate(values, source="trial config")
-    data = load_benchmark(cfg)
-    try:
-        train(cfg, RayReporter(cfg, data.val or data.test, api=tune), data=data)
-    except TrainingDiverged as e:
-        tune.report({"diverged": 1, "stop_reason": str(e), "val_dice": 0.0, "best_val_dice": 0.0, "done": 1})
-
-
-def in_trial(resources: dict) -> bool:
-    """Whether a trial runs its loop in its own process (else under a TorchTrainer)."""
-    return resources["workers"] == 1 and resources.get("runner", "auto") == "auto"
+    run_loop(cfg, ray.train,
+             (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m))
 
 
 def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failures: int) -> None:
@@ -156,8 +141,11 @@ def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failu
     from ray.tune.integration.ray_train import TuneReportCallback
 
     values = {**base, **config}
-    if in_trial(resources):
-        return run_in_trial(values)
+    if Resources.model_validate(resources).loop_in_trial:
+        # the loop in this Tune trial's own process, which holds the trial's CPUs and GPU share
+        # (Ray sets CUDA_VISIBLE_DEVICES); Tune keeps its checkpoints and restarts it from the
+        # last one after a failure
+        return run_loop(validate(values, source="trial config"), tune)
     trial_id = tune.get_context().get_trial_id()
     gpus = resources["gpus_per_worker"]
     worker_res = {"CPU": resources["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}

@@ -59,7 +59,7 @@ def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(mon
     fail, calls[:] = True, []
     gpu.main()
     report = json.loads(capsys.readouterr().out)
-    assert "skipping cudagraphs" in report["G1_compile_failures"]["reduce-overhead"]
+    assert "skipping cudagraphs" in report["compile_failures"]["G1 reduce-overhead"]
     assert "G1_acdc_solo_compiled" not in report and "G2_acdc_packed_compiled" not in report
     assert "G2_acdc_packed" in report and "G3_la" in report  # the bench went on, eager only
     assert ("acdc", 4, "reduce-overhead") not in calls
@@ -81,7 +81,7 @@ def test_a_failed_compile_mode_falls_back_to_the_next(monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert calls[1:3] == [("acdc", 1, "reduce-overhead"), ("acdc", 1, "default")]
     assert report["G1_acdc_solo_compiled"]["compile"] == "default" and report["G1_acdc_solo_compiled"]["over_eager"] == 1.5
-    assert ("acdc", 4, "default") in calls and "CUDA graphs" in report["G1_compile_failures"]["reduce-overhead"]
+    assert ("acdc", 4, "default") in calls and "CUDA graphs" in report["compile_failures"]["G1 reduce-overhead"]
 
 
 def test_an_unknown_compile_mode_is_refused_before_any_phase(monkeypatch):
@@ -109,3 +109,20 @@ def test_gpu_profile_reports_speed_and_where_the_time_goes(tmp_path, monkeypatch
     text = out.read_text()
     assert "compile=none, config phantom" in text and "unprofiled:" in text and "GPU busy 0.0 ms" in text
     assert "aten::convolution" in text and text.count("Self CPU time total") == 2
+
+
+def test_a_later_compiled_phase_that_fails_is_recorded_and_the_bench_goes_on(monkeypatch, capsys):
+    gpu = _load_gpu()
+
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none"):
+        if compile_mode != "none" and n > 1:
+            raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nout of memory")
+        return [{"it_per_s": 50.0, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
+    monkeypatch.setattr(gpu, "phase", fake_phase)
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--compile", "reduce-overhead"])
+    gpu.main()
+    report = json.loads(capsys.readouterr().out)
+    assert "out of memory" in report["compile_failures"]["G2 reduce-overhead"]
+    assert "G2_acdc_packed_compiled" not in report and report["G3_la"]["compiled"]["solo_it_per_s"] == 50.0
+    assert [p["phase"] for p in report["phases"]] == ["G1 eager", "G1 reduce-overhead", "G2 eager", "G3 eager",
+                                                      "G3 eager x2", "G3 reduce-overhead"]

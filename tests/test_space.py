@@ -173,8 +173,7 @@ def test_the_plan_says_where_a_trial_runs_its_loop(tmp_path, capsys, resources, 
 
 def test_only_a_one_worker_trial_runs_its_loop_in_the_tune_trial():
     from orchestrator.space import Resources
-    from orchestrator.trial import in_trial
 
-    assert in_trial(Resources().model_dump())
-    assert not in_trial(Resources(runner="train").model_dump())
-    assert not in_trial(Resources(workers=2).model_dump())  # DDP needs Ray Train's worker group
+    assert Resources().loop_in_trial
+    assert not Resources(runner="train").loop_in_trial
+    assert not Resources(workers=2).loop_in_trial  # DDP needs Ray Train's worker group

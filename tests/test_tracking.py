@@ -20,7 +20,7 @@ def _driver(client, exp, parent):
 
 
 def _trial(trial_id, result=None):
-    return SimpleNamespace(trial_id=trial_id, config={"tau_l": 0.3}, last_result=result or {})
+    return SimpleNamespace(trial_id=trial_id, config={"tau_l": 0.3}, last_result=result or {}, checkpoint=None)
 
 
 def _history(client, run_id, key):
