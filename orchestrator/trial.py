@@ -9,7 +9,9 @@ reporting through `ray.train` (Train workers) or `ray.tune` (the trial itself).
 """
 from __future__ import annotations
 
+import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,6 +27,7 @@ from buarl.train import Reporter, train
 from orchestrator.space import Resources
 
 STATE = "state.pt"
+STEP = "step.json"  # beside STATE in every checkpoint: its iteration, readable without loading it
 # The packages a worker runs: the sweep ships them to every worker (Ray `py_modules`), so a
 # cluster's workers run the driver's code, not whatever copy their node has installed.
 PACKAGES = (Path(buarl.__file__).resolve().parent, Path(__file__).resolve().parent)
@@ -53,7 +56,8 @@ class RayReporter(Reporter):
         import ray.train
         self.api = api
         self.cfg, self.preview_cases = cfg, preview_cases
-        self.rank = ray.train.get_context().get_world_rank() if self.api is ray.train else 0
+        self.in_trial = api is not ray.train  # the loop runs in the Tune trial's own process
+        self.rank = 0 if self.in_trial else ray.train.get_context().get_world_rank()
         self.scalars: dict[str, float] = {}
         self.state: Optional[dict] = None
         self.resumed_from = 0  # the iteration this worker's loop was restored at (0: a fresh start)
@@ -79,24 +83,34 @@ class RayReporter(Reporter):
             write(Path(d))
             self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(d))
 
+    def _write_state(self, folder: Path, state: dict) -> None:
+        torch.save(state, folder / STATE)
+        (folder / STEP).write_text(json.dumps({"step": int(state["step"])}))
+
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
         self.state = state
         self.evaluations += 1
         self.last_eval = {k: metrics[k] for k in ("val_dice", "best_val_dice")}
         self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest, "report": 1,
                       "evaluations": self.evaluations, "resumed_from": self.resumed_from},
-                     lambda folder: torch.save(state, folder / STATE))
+                      lambda folder: self._write_state(folder, state))
 
     def restore(self) -> Optional[dict]:
-        ckpt = self.api.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            path = Path(d) / STATE
-            state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-        if state is not None:
-            self.resumed_from = int(state["step"])
-        return state
+        """The newest readable checkpoint of this run. Ray Train (a Train run) records each
+        checkpoint as it reports it; Tune records a trial's checkpoints in its experiment state,
+        saved every ≥10 s, so a sweep killed in between would resume a trial from an older one
+        (or from iteration 0). A trial therefore also looks in its own storage folder, where
+        every checkpoint it reported lies, and takes the one of the highest iteration."""
+        known = self.api.get_checkpoint()
+        found = own_checkpoints() if self.in_trial else []
+        candidates = sorted(found + ([(checkpoint_step(known), known)] if known is not None else []),
+                            key=lambda c: c[0], reverse=True)
+        for _, ckpt in candidates:
+            state = load_state(ckpt)
+            if state is not None:
+                self.resumed_from = int(state["step"])
+                return state
+        return None
 
     def finish(self, metrics: dict, best_weights: dict) -> None:
         final = {**flat_test_metrics(metrics), "best_val_dice": float(metrics["best_val_dice"]),
@@ -106,8 +120,53 @@ class RayReporter(Reporter):
         def write(folder: Path) -> None:
             run_folder.write_final(folder, self.cfg, metrics, best_weights, self.preview_cases)
             if self.state is not None:  # a restart after the end resumes straight to the end
-                torch.save(self.state, folder / STATE)
+                self._write_state(folder, self.state)
         self._report(final, write)
+
+
+def checkpoint_step(ckpt) -> int:
+    """The iteration a checkpoint holds, from its STEP file; -1 when it has none (an older
+    checkpoint, or one cut while it was written: tried last)."""
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STEP}") as f:
+            return int(json.loads(f.read())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def checkpoints_in(fs, folder: str) -> list:
+    """(iteration, Checkpoint) for every checkpoint folder in a trial's folder on a pyarrow
+    filesystem (local, NFS, s3: whatever the sweep's --storage is)."""
+    import pyarrow.fs
+    import ray.tune
+
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return []
+    folders = sorted(i.path for i in infos
+                     if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    return [(checkpoint_step(c), c) for c in (ray.tune.Checkpoint(p, filesystem=fs) for p in folders)]
+
+
+def own_checkpoints() -> list:
+    """checkpoints_in this Tune trial's storage folder."""
+    import ray.tune
+
+    storage = ray.tune.get_context().get_storage()
+    return checkpoints_in(storage.storage_filesystem, storage.trial_fs_path)
+
+
+def load_state(ckpt) -> Optional[dict]:
+    """A checkpoint's loop state; None when it has none or it cannot be read (a checkpoint
+    cut while it was copied to storage), with a warning saying which."""
+    try:
+        with ckpt.as_directory() as d:
+            path = Path(d) / STATE
+            return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    except Exception as e:  # a truncated file raises whatever the unpickler meets
+        warnings.warn(f"checkpoint {ckpt.path} cannot be read ({type(e).__name__}: {e}); trying an older one")
+        return None
 
 
 def run_loop(cfg: Config, api, wrap: Callable = lambda m: m) -> None:

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -388,3 +389,39 @@ def test_a_failing_cluster_is_named_and_resume_is_offered(tmp_path, monkeypatch,
     import mlflow
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
     assert mlflow.search_runs(experiment_names=["phantom_tiny"])["status"].tolist() == ["FAILED"]
+
+
+def test_a_trial_resumes_from_its_newest_saved_checkpoint_not_tunes_lagging_one(tmp_path, monkeypatch):
+    """Tune saves which checkpoint a trial holds with its experiment state, every >= 10 s; a
+    sweep killed in between restarts the trial with an older checkpoint (or none, as in CI's
+    failure). The trial's storage folder holds every checkpoint it reported: the newest
+    readable one wins, one cut mid-copy is skipped with a warning."""
+    import pyarrow.fs
+    import ray.tune
+    from orchestrator import trial
+    from orchestrator.trial import RayReporter, checkpoints_in
+
+    rep = RayReporter(None, [], ray.tune)
+    for index, step in enumerate((4, 8, 12)):
+        folder = tmp_path / f"checkpoint_{index:06d}"
+        folder.mkdir()
+        rep._write_state(folder, {"step": step, "w": torch.full((3,), float(step))})
+    state = tmp_path / "checkpoint_000002" / trial.STATE
+    state.write_bytes(state.read_bytes()[:40])  # cut while it was copied to storage
+    (tmp_path / "checkpoint_000003").mkdir()  # empty: a copy that had not begun
+    (tmp_path / "events.out").write_text("")  # not a checkpoint folder
+    found = checkpoints_in(pyarrow.fs.LocalFileSystem(), str(tmp_path))
+    assert [s for s, _ in found] == [4, 8, 12, -1]
+
+    lagging = ray.tune.Checkpoint(str(tmp_path / "checkpoint_000000"))
+    api = SimpleNamespace(get_checkpoint=lambda: lagging, Checkpoint=ray.tune.Checkpoint)
+    monkeypatch.setattr(trial, "own_checkpoints", lambda: found)
+    rep = RayReporter(None, [], api)
+    rep.in_trial = True
+    with pytest.warns(UserWarning, match="checkpoint_000002 cannot be read"):
+        restored = rep.restore()
+    assert restored["step"] == 8 and rep.resumed_from == 8 and restored["w"].tolist() == [8.0] * 3
+    # nothing newer on storage: Tune's own checkpoint; none anywhere: a fresh start
+    monkeypatch.setattr(trial, "own_checkpoints", lambda: [])
+    assert rep.restore()["step"] == 4
+    assert RayReporter(None, [], SimpleNamespace(get_checkpoint=lambda: None)).restore() is None

@@ -141,6 +141,31 @@ TorchTrainer(worker, train_loop_config={{"data_root": {str(acdc_phantom)!r}, "pr
     assert a == b
 
 
+def test_a_trial_finds_the_checkpoints_it_reported_in_its_storage_folder(tmp_path):
+    """What a resumed trial falls back on when Tune's saved state lags (tests/test_reliability.py
+    has the choice between them): inside a real Tune trial, its own storage folder lists every
+    checkpoint it reported, with their iterations."""
+    code = f"""
+import json, ray
+from ray import tune
+from orchestrator.trial import RayReporter, own_checkpoints
+
+def trainable(config):
+    rep = RayReporter(None, [], tune)
+    for step in (4, 8):
+        rep._report({{"step": step}}, lambda folder, step=step: rep._write_state(folder, {{"step": step}}))
+    steps = sorted(s for s, _ in own_checkpoints())
+    open({str(tmp_path / 'found.json')!r}, "w").write(json.dumps(steps))
+
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+tune.Tuner(trainable, run_config=tune.RunConfig(storage_path={str(tmp_path / 'ray')!r}, name="t")).fit()
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "found.json").read_text() == "[4, 8]"
+
+
 def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
     space = {**SPACE, "grid": {"labeled": [2]}, "num_samples": 3}
     cmd, env = _sweep(tmp_path, space, name="resume")
