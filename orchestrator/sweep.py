@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--warm-start", metavar="SWEEP",
                    help="start each grid point's Optuna study from the trials of an earlier sweep (same --storage)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the Ray dashboard of a local cluster (127.0.0.1:8265) even when no trial needs it "
+                        "(only Ray Train trials do: several workers or runner: train)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit without starting Ray")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="extra fixed config overrides for every trial")
@@ -175,22 +178,38 @@ def write_sweep_state(folder: Path, sweep: str, plan: Plan) -> None:
                                     indent=2) + "\n")
 
 
-def check_data(plan: Plan) -> None:
-    """The dataset checks of `buarl train`, once per distinct data setting of the grid,
-    before Ray starts: a broken file is one line naming it, not a sweep of failed trials."""
+def point_config(plan: Plan, point):
+    """A grid point's resolved config, its searched keys at their first choice or low end."""
     from buarl.config import validate
-    from buarl.data import load_benchmark
     from orchestrator.space import Categorical
-    seen = set()
+    values = {**plan.base, **point.values}
+    for key, dist in plan.space.search.items():
+        values.setdefault(key, dist.choices[0] if isinstance(dist, Categorical) else dist.low)
+    return validate(values, source=f"grid point {point.name}")
+
+
+def check_data(plan: Plan) -> dict:
+    """The dataset checks of `buarl train`, once per distinct data setting of the grid,
+    before Ray starts: a broken file is one line naming it, not a sweep of failed trials.
+    Returns what it loaded, by data_key: the trials share it (share_data) rather than each
+    reading the files again."""
+    from buarl.data import data_key, load_benchmark
+    loaded = {}
+    start = time.time()
     for point in plan.points:
-        values = {**plan.base, **point.values}
-        for key, dist in plan.space.search.items():
-            values.setdefault(key, dist.choices[0] if isinstance(dist, Categorical) else dist.low)
-        cfg = validate(values, source=f"grid point {point.name}")
-        key = (cfg.dataset, cfg.data_root, cfg.labeled, cfg.base == "supervised", cfg.val_cases, cfg.test_cases)
-        if key not in seen:
-            seen.add(key)
-            load_benchmark(cfg)
+        cfg = point_config(plan, point)
+        if data_key(cfg) not in loaded:
+            loaded[data_key(cfg)] = load_benchmark(cfg)
+    print(f"data: {len(loaded)} setting(s) checked and loaded in {time.time() - start:.1f} s; "
+          "the trials share them through Ray's object store", flush=True)
+    return loaded
+
+
+def share_data(loaded: dict) -> dict:
+    """data_key -> an object-store reference each trial of that setting fetches (~0.1 s for
+    ACDC against ~5 s to read and resize its files; nodes of a cluster get it over the network)."""
+    import ray
+    return {key: ray.put(data) for key, data in loaded.items()}
 
 
 def select(plan: Plan, args) -> Plan:
@@ -246,7 +265,7 @@ def progress_reporter(plan: Plan):
 
 
 def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, parent_id: str, resume: bool,
-              digest: str):
+              digest: str, data: Optional[tuple] = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -258,7 +277,7 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     s, r = plan.space, plan.space.resources
     base = {**plan.base, **point.values, "threads": plan.threads_per_worker}
     trainable = tune.with_parameters(run_trial, base=base, storage=f"{storage}/{sweep}/train",
-                                     resources=r.model_dump(), max_failures=s.max_failures)
+                                     resources=r.model_dump(), max_failures=s.max_failures, data=data)
     if r.loop_in_trial:  # the trial runs the loop: it holds the worker's CPUs and GPU share
         trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
     else:
@@ -332,9 +351,9 @@ class Refused(BuarlError):
     """The sweep cannot start here as asked (one line for the user, exit 2)."""
 
 
-def locate_data(plan: Plan) -> None:
+def locate_data(plan: Plan) -> dict:
     """The phantom's folder when no --data-root is given; then the dataset's own checks,
-    in the driver, before Ray starts."""
+    in the driver, before Ray starts (returns the data they loaded)."""
     if plan.phantom:
         from buarl.config import Config
         from buarl.data import resolve_root
@@ -342,7 +361,7 @@ def locate_data(plan: Plan) -> None:
         plan.base["data_root"] = str(root)
         print(f"no --data-root: running on the built-in phantom at {root}\n"
               f"  (point at real data with --data-root, e.g. --data-root ../shared/data/ACDC)", flush=True)
-    check_data(plan)
+    return check_data(plan)
 
 
 def open_outputs(args, plan: Plan, sweep: str):
@@ -379,9 +398,9 @@ def open_outputs(args, plan: Plan, sweep: str):
     return tracking_uri, storage, client
 
 
-def start_ray(args, plan: Plan) -> str:
-    """Join the given cluster or start a local one; returns the digest of the code the
-    workers run."""
+def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
+    """Join the given cluster or start a local one, and put the data the checks loaded in
+    its object store; returns the digest of the code the workers run and share_data's refs."""
     apply_env_defaults()
     import ray
     from orchestrator.trial import PACKAGES, code_digest
@@ -396,11 +415,14 @@ def start_ray(args, plan: Plan) -> str:
                               f"{args.address} offers {total.get(kind, 0):g}")
     else:
         # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
-        # clean up placement groups; without it a finished trial spins on errors.
-        ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env=runtime_env)
+        # clean up placement groups; without it a finished Train trial spins on errors. Trials
+        # that run their loop themselves never need it: it would take ~1 s to start and 2-3 %
+        # of a core throughout (bench/results/ray_overhead.json).
+        dashboard = args.dashboard or not plan.space.resources.loop_in_trial
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=False, runtime_env=runtime_env)
         write_bootstrap(ray.get_runtime_context().gcs_address)
-    return code_digest()
+    return code_digest(), share_data(loaded)
 
 
 def open_parent_run(args, plan: Plan, sweep: str, client, storage: str, tracking_uri: str,
@@ -427,14 +449,23 @@ def open_parent_run(args, plan: Plan, sweep: str, client, storage: str, tracking
 
 
 def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, parent: str,
-             digest: str) -> Optional[dict]:
+             digest: str, shared: dict) -> Optional[dict]:
     """Every grid point in turn; the parent run ends FINISHED, KILLED (Ctrl-C: returns None)
-    or FAILED (a grid point raised)."""
+    or FAILED (a grid point raised). A shared dataset leaves the object store after the last
+    grid point that reads it."""
+    from buarl.data import data_key
+    keys = {point.name: data_key(point_config(plan, point)) for point in plan.points}
     results, status = {}, "FINISHED"
     try:
-        for point in plan.points:
+        for i, point in enumerate(plan.points):
             print(f"\n=== grid point {point.name} ===", flush=True)
-            results[point.name] = run_point(plan, point, sweep, storage, client, exp_id, parent, args.resume, digest)
+            key = keys[point.name]
+            data = (key, shared[key]) if key in shared else None
+            if all(keys[p.name] != key for p in plan.points[i + 1:]):
+                shared.pop(key, None)
+            results[point.name] = run_point(plan, point, sweep, storage, client, exp_id, parent, args.resume, digest,
+                                            data)
+            del data
     except KeyboardInterrupt:
         status = "KILLED"
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
@@ -472,15 +503,16 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(plan), flush=True)
         if args.dry_run:
             return 0
-        locate_data(plan)
+        loaded = locate_data(plan)
         tracking_uri, storage, client = open_outputs(args, plan, sweep)
-        digest = start_ray(args, plan)
+        digest, shared = start_ray(args, plan, loaded)
+        del loaded  # the object store holds it now
     except BuarlError as e:
         return _fail(str(e))
     exp_id, parent = open_parent_run(args, plan, sweep, client, storage, tracking_uri, digest)
     started = time.time()
     try:
-        results = run_grid(args, plan, sweep, storage, client, exp_id, parent, digest)
+        results = run_grid(args, plan, sweep, storage, client, exp_id, parent, digest, shared)
     except ClusterLost as e:
         print(f"buarl-sweep: {e}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ import torch
 import buarl
 from buarl import run_folder
 from buarl.config import Config, validate
-from buarl.data import load_benchmark
+from buarl.data import data_key, load_benchmark
 from buarl.errors import TrainingDiverged
 from buarl.provenance import source_digest
 from buarl.train import Reporter, train
@@ -169,10 +169,20 @@ def load_state(ckpt) -> Optional[dict]:
         return None
 
 
-def run_loop(cfg: Config, api, wrap: Callable = lambda m: m) -> None:
+def trial_data(cfg: Config, shared: Optional[tuple]):
+    """The dataset the sweep's driver loaded, when it is this config's (`shared`: its
+    data_key and object-store reference); else, e.g. a searched image_size, the trial reads
+    the files itself."""
+    if shared is not None and shared[0] == data_key(cfg):
+        import ray
+        return ray.get(shared[1])
+    return load_benchmark(cfg)
+
+
+def run_loop(cfg: Config, api, wrap: Callable = lambda m: m, shared: Optional[tuple] = None) -> None:
     """buarl's loop with a RayReporter on `api` (ray.train or ray.tune). A diverged trial ends
     early with its reason; it is not retried (it would diverge again)."""
-    data = load_benchmark(cfg)
+    data = trial_data(cfg, shared)
     try:
         train(cfg, RayReporter(cfg, data.val or data.test, api), wrap=wrap, data=data)
     except TrainingDiverged as e:
@@ -188,12 +198,14 @@ def train_worker(loop_config: dict) -> None:
         cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
     world = ray.train.get_context().get_world_size()
     run_loop(cfg, ray.train,
-             (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m))
+             (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m),
+             loop_config.get("data"))
 
 
-def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failures: int) -> None:
+def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failures: int,
+              data: Optional[tuple] = None) -> None:
     """The Tune function trainable: the loop itself (one worker), or one TorchTrainer per
-    trial, resumable by its name."""
+    trial, resumable by its name. `data`: the driver's loaded dataset (trial_data)."""
     from ray import tune
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -204,13 +216,13 @@ def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failu
         # the loop in this Tune trial's own process, which holds the trial's CPUs and GPU share
         # (Ray sets CUDA_VISIBLE_DEVICES); Tune keeps its checkpoints and restarts it from the
         # last one after a failure
-        return run_loop(validate(values, source="trial config"), tune)
+        return run_loop(validate(values, source="trial config"), tune, shared=data)
     trial_id = tune.get_context().get_trial_id()
     gpus = resources["gpus_per_worker"]
     worker_res = {"CPU": resources["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": values},
+        train_loop_config={"cfg": values, "data": data},
         scaling_config=ray.train.ScalingConfig(num_workers=resources["workers"], use_gpu=gpus > 0,
                                                resources_per_worker=worker_res),
         run_config=ray.train.RunConfig(

@@ -10,7 +10,7 @@ from medpy import metric
 
 from buarl.cli import main
 from buarl.config import load_config, parse_overrides
-from buarl.data import load_benchmark
+from buarl.data import LOADER_FIELDS, data_key, load_benchmark
 from buarl.data.acdc import labeled_slice_count
 from buarl.data.sampling import TwoStreamSampler
 from buarl.errors import ConfigError, DataError
@@ -56,6 +56,31 @@ def test_cli_bad_config_is_one_line_and_exit_2(capsys, tmp_path):
 
 
 # ---- data ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", ["phantom", "phantom_la"])
+def test_data_key_covers_every_field_the_loaders_read(config, acdc_phantom, la_phantom):
+    """A sweep shares one loaded dataset among the trials of equal data_key: a loader that
+    read a field outside the key would hand a trial data of another setting."""
+    root = acdc_phantom if config == "phantom" else la_phantom
+    cfg = load_config(config, {"data_root": str(root)})
+    read = set()
+
+    class Recorder:
+        def __getattr__(self, name):
+            read.add(name)
+            return getattr(cfg, name)
+    load_benchmark(Recorder(), root)
+    load_benchmark(Recorder())  # the root from the config
+    assert read and read <= set(LOADER_FIELDS), read - set(LOADER_FIELDS)
+    assert "data_root" in read
+    # each field moves the key; the seed (or a method knob) does not
+    for field, value in [("labeled", cfg.labeled + 1), ("val_cases", cfg.val_cases + 1),
+                         ("test_cases", cfg.test_cases + 1), ("image_size", cfg.image_size // 2),
+                         ("patch_size", [s // 2 for s in cfg.patch_size]), ("base", "supervised"), ("data_root", "/elsewhere")]:
+        assert data_key(cfg.model_copy(update={field: value})) != data_key(cfg), field
+    for field, value in [("seed", cfg.seed + 1), ("tau_l", 0.2), ("base", "buarl" if cfg.base != "buarl" else "bcp")]:
+        assert data_key(cfg.model_copy(update={field: value})) == data_key(cfg), field
+
+
 def test_acdc_phantom_layout_and_split(acdc_phantom):
     cfg = load_config("phantom", {"data_root": str(acdc_phantom), "labeled": 2})
     data = load_benchmark(cfg)

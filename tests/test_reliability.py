@@ -354,7 +354,7 @@ def test_a_grid_point_that_raises_leaves_the_parent_run_failed(tmp_path, monkeyp
     """No Ray needed: the grid loop itself is under test (issue 15 item 6)."""
     import orchestrator.sweep as sweep
 
-    monkeypatch.setattr(sweep, "start_ray", lambda args, plan: "digest")
+    monkeypatch.setattr(sweep, "start_ray", lambda args, plan, loaded: ("digest", {}))
     monkeypatch.setattr(sweep, "live_local_cluster", lambda: None)
 
     def boom(*a, **k):
@@ -376,7 +376,7 @@ def test_a_failing_cluster_is_named_and_resume_is_offered(tmp_path, monkeypatch,
 
     import orchestrator.sweep as sweep
 
-    monkeypatch.setattr(sweep, "start_ray", lambda args, plan: "digest")
+    monkeypatch.setattr(sweep, "start_ray", lambda args, plan, loaded: ("digest", {}))
     monkeypatch.setattr(sweep, "live_local_cluster", lambda: None)
 
     def lost(*a, **k):
@@ -425,3 +425,22 @@ def test_a_trial_resumes_from_its_newest_saved_checkpoint_not_tunes_lagging_one(
     monkeypatch.setattr(trial, "own_checkpoints", lambda: [])
     assert rep.restore()["step"] == 4
     assert RayReporter(None, [], SimpleNamespace(get_checkpoint=lambda: None)).restore() is None
+
+
+def test_a_trial_uses_the_drivers_data_only_for_its_own_setting(acdc_phantom, monkeypatch):
+    """The sweep ships each grid point's loaded dataset to its trials; a trial whose searched
+    keys change what the loader reads (here image_size) reads the files itself."""
+    import ray
+
+    from buarl.config import load_config
+    from buarl.data import data_key
+    from orchestrator import trial
+
+    cfg = load_config("phantom", {"data_root": str(acdc_phantom)})
+    shipped = object()
+    monkeypatch.setattr(ray, "get", lambda ref: ref)  # the object store, without a cluster
+    assert trial.trial_data(cfg, (data_key(cfg), shipped)) is shipped
+    assert trial.trial_data(cfg.model_copy(update={"seed": 7, "tau_u": 0.3}), (data_key(cfg), shipped)) is shipped
+    own = trial.trial_data(cfg.model_copy(update={"image_size": 32}), (data_key(cfg), shipped))
+    assert own is not shipped and own.images.shape[-1] == 32
+    assert trial.trial_data(cfg, None).images.shape[-1] == cfg.image_size

@@ -16,6 +16,18 @@ def resolve_root(cfg: Config) -> Path:
     return phantom.cached(cfg.dataset, Path(cache) if cache else None)
 
 
+# Every config field the loaders read: configs that agree on them load equal data, so a sweep
+# loads each distinct setting once and shares it with its trials (tests/test_config_and_data.py
+# records what the loaders read).
+LOADER_FIELDS = ("dataset", "data_root", "labeled", "base", "val_cases", "test_cases", "image_size", "patch_size")
+
+
+def data_key(cfg: Config) -> tuple:
+    """What load_benchmark's result depends on (the base only as supervised or not: that
+    decides whether the unlabeled pool is read)."""
+    return tuple(cfg.base == "supervised" if f == "base" else repr(getattr(cfg, f)) for f in LOADER_FIELDS)
+
+
 def load_benchmark(cfg: Config, root: Path | None = None):
     from buarl.data.acdc import AcdcData
     from buarl.data.la import LaData
