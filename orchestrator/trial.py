@@ -150,11 +150,17 @@ def checkpoints_in(fs, folder: str) -> list:
 
 
 def own_checkpoints() -> list:
-    """checkpoints_in this Tune trial's storage folder."""
+    """checkpoints_in this Tune trial's storage folder. Ray's StorageContext is a developer
+    API: should a Ray release change it, a trial warns and falls back on Tune's checkpoint."""
     import ray.tune
 
-    storage = ray.tune.get_context().get_storage()
-    return checkpoints_in(storage.storage_filesystem, storage.trial_fs_path)
+    try:
+        storage = ray.tune.get_context().get_storage()
+        fs, folder = storage.storage_filesystem, storage.trial_fs_path
+    except Exception as e:  # noqa: BLE001 (any change of a developer API)
+        warnings.warn(f"cannot list this trial's checkpoints ({type(e).__name__}: {e}); resuming from Tune's")
+        return []
+    return checkpoints_in(fs, folder)
 
 
 def load_state(ckpt) -> Optional[dict]:
