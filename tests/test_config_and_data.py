@@ -77,7 +77,7 @@ def test_data_key_covers_every_field_the_loaders_read(config, acdc_phantom, la_p
                          ("test_cases", cfg.test_cases + 1), ("image_size", cfg.image_size // 2),
                          ("patch_size", [s // 2 for s in cfg.patch_size]), ("base", "supervised"), ("data_root", "/elsewhere")]:
         assert data_key(cfg.model_copy(update={field: value})) != data_key(cfg), field
-    for field, value in [("seed", cfg.seed + 1), ("tau_l", 0.2), ("base", "buarl" if cfg.base != "buarl" else "bcp")]:
+    for field, value in [("seed", cfg.seed + 1), ("tau_l", 0.2), ("base", "mt" if cfg.base != "mt" else "bcp")]:
         assert data_key(cfg.model_copy(update={field: value})) == data_key(cfg), field
 
 
