@@ -177,10 +177,10 @@ def main() -> None:
             "sweep_wall_s": round(sweep_wall, 1), "ratio": round(ratio, 3), "fixed_cost_per_trial_s": round(fixed, 1),
             "sweep_trials": {str(s): {k: (round(v, 4) if v is not None else None) for k, v in t.items()}
                              for s, t in trials.items()},
-            # CPU seconds per process name during the sweep: the training process against Ray's own
             "loops_ratio": round(sweep_train / bare_train, 3),
             "outside_loops_s": round(sweep_wall - sweep_train, 1),
             "fixed_cost_per_trial_outside_loops_s": round(outside, 1),
+            # CPU seconds per process name during the sweep: the training process against Ray's own
             "sweep_cpu_seconds": {k: round(v, 1) for k, v in cpu.items() if v >= 1.0},
             "training_process": trainer,
             "ray_own_cpu_seconds": round(sum(v for k, v in cpu.items() if k.startswith("ray::") and k != trainer

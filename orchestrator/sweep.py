@@ -178,38 +178,40 @@ def write_sweep_state(folder: Path, sweep: str, plan: Plan) -> None:
                                     indent=2) + "\n")
 
 
-def point_config(plan: Plan, point):
-    """A grid point's resolved config, its searched keys at their first choice or low end."""
-    from buarl.config import validate
-    from orchestrator.space import Categorical
-    values = {**plan.base, **point.values}
-    for key, dist in plan.space.search.items():
-        values.setdefault(key, dist.choices[0] if isinstance(dist, Categorical) else dist.low)
-    return validate(values, source=f"grid point {point.name}")
-
-
 def check_data(plan: Plan) -> dict:
     """The dataset checks of `buarl train`, once per distinct data setting of the grid,
     before Ray starts: a broken file is one line naming it, not a sweep of failed trials.
-    Returns what it loaded, by data_key: the trials share it (share_data) rather than each
-    reading the files again."""
+    Returns grid point name -> (data_key, what the check loaded), points of one setting
+    sharing one load: the trials get it (share_data) rather than reading the files again."""
+    from buarl.config import validate
     from buarl.data import data_key, load_benchmark
-    loaded = {}
+    from orchestrator.space import Categorical
+    loaded, by_point = {}, {}
     start = time.time()
     for point in plan.points:
-        cfg = point_config(plan, point)
-        if data_key(cfg) not in loaded:
-            loaded[data_key(cfg)] = load_benchmark(cfg)
+        values = {**plan.base, **point.values}
+        for key, dist in plan.space.search.items():
+            values.setdefault(key, dist.choices[0] if isinstance(dist, Categorical) else dist.low)
+        cfg = validate(values, source=f"grid point {point.name}")
+        key = data_key(cfg)
+        if key not in loaded:
+            loaded[key] = load_benchmark(cfg)
+        by_point[point.name] = (key, loaded[key])
     print(f"data: {len(loaded)} setting(s) checked and loaded in {time.time() - start:.1f} s; "
           "the trials share them through Ray's object store", flush=True)
-    return loaded
+    return by_point
 
 
-def share_data(loaded: dict) -> dict:
-    """data_key -> an object-store reference each trial of that setting fetches (~0.1 s for
-    ACDC against ~5 s to read and resize its files; nodes of a cluster get it over the network)."""
+def share_data(by_point: dict) -> dict:
+    """check_data's result with each distinct dataset put in the object store once: grid
+    point name -> (data_key, reference), which its trials fetch (trial.trial_data). The
+    driver holds the references, so the datasets stay there while the sweep runs."""
     import ray
-    return {key: ray.put(data) for key, data in loaded.items()}
+    refs: dict = {}
+    for key, data in by_point.values():
+        if key not in refs:
+            refs[key] = ray.put(data)
+    return {name: (key, refs[key]) for name, (key, _) in by_point.items()}
 
 
 def select(plan: Plan, args) -> Plan:
@@ -400,7 +402,7 @@ def open_outputs(args, plan: Plan, sweep: str):
 
 def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
     """Join the given cluster or start a local one, and put the data the checks loaded in
-    its object store; returns the digest of the code the workers run and share_data's refs."""
+    its object store; returns the digest of the code the workers run and share_data's result."""
     apply_env_defaults()
     import ray
     from orchestrator.trial import PACKAGES, code_digest
@@ -416,8 +418,8 @@ def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
     else:
         # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
         # clean up placement groups; without it a finished Train trial spins on errors. Trials
-        # that run their loop themselves never need it: it would take ~1 s to start and 2-3 %
-        # of a core throughout (bench/results/ray_overhead.json).
+        # that run their loop themselves never need it, and it costs CPU throughout
+        # (13.4 CPU-s of a two-trial sweep, BENCHMARKS.md G6).
         dashboard = args.dashboard or not plan.space.resources.loop_in_trial
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=False, runtime_env=runtime_env)
@@ -451,21 +453,13 @@ def open_parent_run(args, plan: Plan, sweep: str, client, storage: str, tracking
 def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, parent: str,
              digest: str, shared: dict) -> Optional[dict]:
     """Every grid point in turn; the parent run ends FINISHED, KILLED (Ctrl-C: returns None)
-    or FAILED (a grid point raised). A shared dataset leaves the object store after the last
-    grid point that reads it."""
-    from buarl.data import data_key
-    keys = {point.name: data_key(point_config(plan, point)) for point in plan.points}
+    or FAILED (a grid point raised)."""
     results, status = {}, "FINISHED"
     try:
-        for i, point in enumerate(plan.points):
+        for point in plan.points:
             print(f"\n=== grid point {point.name} ===", flush=True)
-            key = keys[point.name]
-            data = (key, shared[key]) if key in shared else None
-            if all(keys[p.name] != key for p in plan.points[i + 1:]):
-                shared.pop(key, None)
             results[point.name] = run_point(plan, point, sweep, storage, client, exp_id, parent, args.resume, digest,
-                                            data)
-            del data
+                                            shared.get(point.name))
     except KeyboardInterrupt:
         status = "KILLED"
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)

@@ -83,29 +83,26 @@ class RayReporter(Reporter):
             write(Path(d))
             self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(d))
 
-    def _write_state(self, folder: Path, state: dict) -> None:
-        torch.save(state, folder / STATE)
-        (folder / STEP).write_text(json.dumps({"step": int(state["step"])}))
-
     def checkpoint(self, step: int, metrics: dict, state: dict, is_best: bool) -> None:
         self.state = state
         self.evaluations += 1
         self.last_eval = {k: metrics[k] for k in ("val_dice", "best_val_dice")}
         self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest, "report": 1,
                       "evaluations": self.evaluations, "resumed_from": self.resumed_from},
-                      lambda folder: self._write_state(folder, state))
+                      lambda folder: write_state(folder, state))
 
     def restore(self) -> Optional[dict]:
-        """The newest readable checkpoint of this run. Ray Train (a Train run) records each
-        checkpoint as it reports it; Tune records a trial's checkpoints in its experiment state,
-        saved every ≥10 s, so a sweep killed in between would resume a trial from an older one
-        (or from iteration 0). A trial therefore also looks in its own storage folder, where
-        every checkpoint it reported lies, and takes the one of the highest iteration."""
+        """The newest readable checkpoint of this run. Tune records a trial's checkpoint in its
+        experiment state, saved every ≥10 s and synced asynchronously, so a sweep killed in
+        between would resume a trial from an older one (or from iteration 0). A trial run by
+        Tune itself therefore takes the checkpoint of the highest iteration in its own storage
+        folder, where every checkpoint it reported lies (Tune's among them); a Train worker
+        takes Ray Train's, its Train run found by name."""
         known = self.api.get_checkpoint()
-        found = own_checkpoints() if self.in_trial else []
-        candidates = sorted(found + ([(checkpoint_step(known), known)] if known is not None else []),
-                            key=lambda c: c[0], reverse=True)
-        for _, ckpt in candidates:
+        found = {c.path: (step, c) for step, c in own_checkpoints()} if self.in_trial else {}
+        if known is not None and known.path not in found:
+            found[known.path] = (checkpoint_step(known), known)
+        for _, ckpt in sorted(found.values(), key=lambda c: c[0], reverse=True):
             state = load_state(ckpt)
             if state is not None:
                 self.resumed_from = int(state["step"])
@@ -120,8 +117,14 @@ class RayReporter(Reporter):
         def write(folder: Path) -> None:
             run_folder.write_final(folder, self.cfg, metrics, best_weights, self.preview_cases)
             if self.state is not None:  # a restart after the end resumes straight to the end
-                self._write_state(folder, self.state)
+                write_state(folder, self.state)
         self._report(final, write)
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """The loop's state and, beside it, its iteration (read without loading the state)."""
+    torch.save(state, folder / STATE)
+    (folder / STEP).write_text(json.dumps({"step": int(state["step"])}))
 
 
 def checkpoint_step(ckpt) -> int:

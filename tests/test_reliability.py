@@ -399,13 +399,12 @@ def test_a_trial_resumes_from_its_newest_saved_checkpoint_not_tunes_lagging_one(
     import pyarrow.fs
     import ray.tune
     from orchestrator import trial
-    from orchestrator.trial import RayReporter, checkpoints_in
+    from orchestrator.trial import RayReporter, checkpoints_in, write_state
 
-    rep = RayReporter(None, [], ray.tune)
     for index, step in enumerate((4, 8, 12)):
         folder = tmp_path / f"checkpoint_{index:06d}"
         folder.mkdir()
-        rep._write_state(folder, {"step": step, "w": torch.full((3,), float(step))})
+        write_state(folder, {"step": step, "w": torch.full((3,), float(step))})
     state = tmp_path / "checkpoint_000002" / trial.STATE
     state.write_bytes(state.read_bytes()[:40])  # cut while it was copied to storage
     (tmp_path / "checkpoint_000003").mkdir()  # empty: a copy that had not begun

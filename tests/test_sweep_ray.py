@@ -148,12 +148,12 @@ def test_a_trial_finds_the_checkpoints_it_reported_in_its_storage_folder(tmp_pat
     code = f"""
 import json, ray
 from ray import tune
-from orchestrator.trial import RayReporter, own_checkpoints
+from orchestrator.trial import RayReporter, own_checkpoints, write_state
 
 def trainable(config):
     rep = RayReporter(None, [], tune)
     for step in (4, 8):
-        rep._report({{"step": step}}, lambda folder, step=step: rep._write_state(folder, {{"step": step}}))
+        rep._report({{"step": step}}, lambda folder, step=step: write_state(folder, {{"step": step}}))
     steps = sorted(s for s, _ in own_checkpoints())
     open({str(tmp_path / 'found.json')!r}, "w").write(json.dumps(steps))
 
