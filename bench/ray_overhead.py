@@ -5,7 +5,9 @@ process start to exit, so the sweep's cluster start, data check, MLflow runs and
 all count. Same seeds on the CPU give the same metrics, so the test Dice of each trial is
 compared too: the sweep did the same work, not less. The loops' speed drifts by a few % from
 run to run on a shared machine, so the time outside them (wall minus the loops'
-train_seconds, sweep against bare) is reported beside the wall ratio. Writes
+train_seconds, sweep against bare) is reported beside the wall ratio. The machine can also
+drift for tens of minutes, so the bare runs are made again after the sweeps and the sweeps are
+compared with the mean of the two passes (their drift is reported). Writes
 bench/results/ray_overhead.json.
 
     python bench/ray_overhead.py --data-root ../shared/data/ACDC      # ~5-minute trials
@@ -124,6 +126,8 @@ def main() -> None:
     p.add_argument("--runners", nargs="+", choices=["auto", "train"], default=["auto"],
                    help="one sweep per runner after the bare runs (auto: a one-worker trial runs its loop "
                         "in the Tune trial; train: under a TorchTrainer as before)")
+    p.add_argument("--no-second-pass", action="store_true",
+                   help="skip the bare runs after the sweeps (compare with the first pass alone)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ray_overhead.json")
     a = p.parse_args()
     if not a.smoke and not a.data_root:
@@ -133,24 +137,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="buarl_g6_"))
     bin_dir = Path(sys.executable).parent
 
-    bare = {}
-    for seed in a.seeds:
-        sets = [f"{k}={v}" for k, v in {**shape["fixed"], "labeled": a.labeled, "seed": seed,
-                                         "threads": a.threads}.items()]
-        run = work / f"bare_{seed}"
-        # sampled like the sweeps, so the sampler's own CPU weighs on both sides
-        wall = timed([str(bin_dir / "buarl"), "train", "--config", shape["base_config"], *data,
-                      "--set", *sets, "--out", str(run)], work / f"bare_{seed}.log", CpuWatch())
-        metrics = json.loads((run / "metrics.json").read_text())
-        bare[seed] = {"wall_s": wall, "test_dice": metrics["dice"], "train_seconds": metrics["train_seconds"]}
-        print(f"bare seed {seed}: {wall:.1f} s, test Dice {metrics['dice']:.4f}", flush=True)
+    def bare_pass(n: int) -> dict:
+        out = {}
+        for seed in a.seeds:
+            sets = [f"{k}={v}" for k, v in {**shape["fixed"], "labeled": a.labeled, "seed": seed,
+                                             "threads": a.threads}.items()]
+            run = work / f"bare{n}_{seed}"
+            # sampled like the sweeps, so the sampler's own CPU weighs on both sides
+            wall = timed([str(bin_dir / "buarl"), "train", "--config", shape["base_config"], *data,
+                          "--set", *sets, "--out", str(run)], work / f"bare{n}_{seed}.log", CpuWatch())
+            metrics = json.loads((run / "metrics.json").read_text())
+            out[seed] = {"wall_s": wall, "test_dice": metrics["dice"], "train_seconds": metrics["train_seconds"]}
+            print(f"bare pass {n}, seed {seed}: {wall:.1f} s, test Dice {metrics['dice']:.4f}", flush=True)
+        return out
 
-    bare_sum = sum(b["wall_s"] for b in bare.values())
-    bare_train = sum(b["train_seconds"] for b in bare.values())
-    sweeps = {}
+    passes = [bare_pass(1)]
+    raw = {}
     for runner in a.runners:
-        # the loop's process: a Train worker, or the Tune trial itself for a one-worker trial
-        trainer = "ray::RayTrainWorker" if runner == "train" else "ray::ImplicitFunc"
         name = f"g6_{runner}"
         space = {"description": f"G6 bench: the bare trials as a sweep (runner {runner})",
                  "base_config": shape["base_config"], "phantom_config": shape["base_config"], "fixed": shape["fixed"],
@@ -166,13 +169,25 @@ def main() -> None:
         if set(trials) != set(a.seeds):
             sys.exit(f"ray_overhead: the sweep finished trials for seeds {sorted(trials)}, expected {a.seeds}; "
                      f"its output: {work / (name + '.log')}")
+        raw[runner] = (sweep_wall, trials, watch.by_name())
+        print(f"sweep (runner {runner}): {sweep_wall:.1f} s", flush=True)
+    if not a.no_second_pass:
+        passes.append(bare_pass(2))
+    if any(p[s]["test_dice"] != passes[0][s]["test_dice"] for p in passes for s in a.seeds):
+        sys.exit("ray_overhead: the bare passes differ in test Dice: the runs are not deterministic")
+    bare = {s: {k: sum(p[s][k] for p in passes) / len(passes) for k in passes[0][s]} for s in a.seeds}
+    bare_sum = sum(b["wall_s"] for b in bare.values())
+    bare_train = sum(b["train_seconds"] for b in bare.values())
+    sweeps = {}
+    for runner, (sweep_wall, trials, cpu) in raw.items():
+        # the loop's process: a Train worker, or the Tune trial itself for a one-worker trial
+        trainer = "ray::RayTrainWorker" if runner == "train" else "ray::ImplicitFunc"
         fixed = (sweep_wall - bare_sum) / len(a.seeds)
         ratio = sweep_wall / bare_sum
         # The loops' own speed drifts by a few % between runs on a shared VM; the time outside
         # them (start, data, evaluation, tracking, stop) is what Ray and the sweep add or save.
         sweep_train = sum(t["train_seconds"] for t in trials.values())
         outside = (sweep_wall - sweep_train - (bare_sum - bare_train)) / len(a.seeds)
-        cpu = watch.by_name()
         sweeps[runner] = {
             "sweep_wall_s": round(sweep_wall, 1), "ratio": round(ratio, 3), "fixed_cost_per_trial_s": round(fixed, 1),
             "sweep_trials": {str(s): {k: (round(v, 4) if v is not None else None) for k, v in t.items()}
@@ -196,6 +211,10 @@ def main() -> None:
         "smoke": a.smoke, "data_root": a.data_root, "base_config": shape["base_config"],
         "fixed": shape["fixed"], "labeled": a.labeled, "threads": a.threads,
         "bare": {str(s): {k: round(v, 4) for k, v in b.items()} for s, b in bare.items()},
+        "bare_passes": [{str(s): round(b["wall_s"], 1) for s, b in p.items()} for p in passes],
+        # the second pass's wall over the first's: how far the machine drifted meanwhile
+        "bare_drift": round(sum(b["wall_s"] for b in passes[-1].values())
+                            / sum(b["wall_s"] for b in passes[0].values()), 3),
         "bare_wall_sum_s": round(bare_sum, 1), "bare_outside_loops_s": round(bare_sum - bare_train, 1),
         "sweeps": sweeps,
         "met": sweeps[a.runners[0]]["met"],

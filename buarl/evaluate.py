@@ -13,8 +13,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from medpy import metric
-from medpy.metric.binary import __surface_distances as surface_distances  # noqa: the one medpy helper hd95 and asd share
 from torch import nn
 
 from buarl.config import Config
@@ -41,6 +39,10 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, policy: str = "reference") ->
 
     Returns (metrics, empty) where `empty` flags a prediction that missed a present class.
     """
+    # medpy here, not at the top: it imports scipy.stats (over a second), and a sweep's
+    # driver imports this module through the trial's but never evaluates
+    from medpy import metric
+    from medpy.metric.binary import __surface_distances as surface_distances  # noqa: the one helper hd95 and asd share
     pred, gt = pred.astype(bool), gt.astype(bool)
     has_p, has_g = bool(pred.any()), bool(gt.any())
     if has_p and has_g:

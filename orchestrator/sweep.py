@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from buarl.errors import BuarlError  # noqa: E402
-from orchestrator.ray_env import apply_env_defaults, live_local_cluster, worker_runtime_env, write_bootstrap  # noqa: E402
+from orchestrator.ray_env import (apply_env_defaults, env_while, live_local_cluster,  # noqa: E402
+                                  local_cluster_env, worker_runtime_env, write_bootstrap)
 from orchestrator import studies  # noqa: E402
 from orchestrator.redaction import redact  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
@@ -287,7 +288,8 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
         # Tune's default 1 CPU for it would halve how many trials fit on a small machine. A
         # placement group needs some resource: the waiting process's memory is the true one.
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
-    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest)
+    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest,
+                            background_exports=True)
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
                                 progress_reporter=progress_reporter(plan), verbose=1,
@@ -421,8 +423,9 @@ def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
         # that run their loop themselves never need it, and it costs CPU throughout
         # (13.4 CPU-s of a two-trial sweep, BENCHMARKS.md G6).
         dashboard = args.dashboard or not plan.space.resources.loop_in_trial
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=False, runtime_env=runtime_env)
+        with env_while(local_cluster_env(dashboard)):
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard,
+                     dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
         write_bootstrap(ray.get_runtime_context().gcs_address)
     return code_digest(), share_data(loaded)
 
@@ -453,7 +456,8 @@ def open_parent_run(args, plan: Plan, sweep: str, client, storage: str, tracking
 def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, parent: str,
              digest: str, shared: dict) -> Optional[dict]:
     """Every grid point in turn; the parent run ends FINISHED, KILLED (Ctrl-C: returns None)
-    or FAILED (a grid point raised)."""
+    or FAILED (a grid point raised), after the trials' MLflow models are exported."""
+    from orchestrator.tracking import close_model_exports
     results, status = {}, "FINISHED"
     try:
         for point in plan.points:
@@ -475,6 +479,7 @@ def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, pa
             ) from e
         raise
     finally:
+        close_model_exports(cancel=status == "KILLED")
         client.set_terminated(parent, status=status)
     return results
 
@@ -518,5 +523,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """`buarl-sweep` and `python orchestrator/sweep.py`: main(), then a quick exit. Python's
+    own finalization would tear down the thousands of modules the driver imported (torch,
+    Ray, MLflow), seconds of a sweep's wall for nothing. By then only the exit handlers are
+    left to run (Ray's shutdown, logging's flush, finalizers of temporary folders): they run,
+    then the process leaves. An uncaught exception takes the normal way out, traceback and all."""
+    import atexit
+    import threading
+    code = main()
+    for thread in threading.enumerate():  # what the interpreter's own exit would wait for
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # CPython's own: what Py_Finalize would run next
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing left to tell it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -129,35 +129,90 @@ def copy_checkpoint(path: str, dest: Path) -> Path:
     return dest
 
 
-def log_pytorch_model(client, run_id: str, best: Path, tmp: Path) -> None:
-    """The trial's best weights in MLflow's own model format (artifact `model`), so that
-    `mlflow models` tooling and the UI's model view work. pt2 (torch.export) rather than
-    pickle: loading it runs no pickled code. A failure here costs the trial nothing."""
+def export_pytorch_model(client, run_id: str, obj: dict, source: Path) -> None:
+    """A trial's best weights (`obj`, read from `source`) in MLflow's own model format
+    (artifact `model`), so that `mlflow models` tooling and the UI's model view work. pt2
+    (torch.export) rather than pickle: loading it runs no pickled code. A failure here costs
+    the trial nothing: it is reported, the run keeps best.pt."""
     import mlflow.pytorch
     import numpy as np
 
-    from buarl.checkpoint import config_of, read
+    from buarl.checkpoint import config_of
     from buarl.nets import build
     try:
-        obj = read(best)
-        cfg = config_of(obj, best)
+        cfg = config_of(obj, source)
         model = build(cfg.dataset, cfg.num_classes)
         model.load_state_dict(obj["weights"])
         size = [cfg.image_size] * 2 if cfg.dataset == "acdc" else cfg.patch_size
-        mlflow.pytorch.save_model(model.eval(), str(tmp), serialization_format="pt2", pip_requirements=["torch"],
-                                  input_example=np.zeros([2, 1, *size], np.float32))  # batch 2: not fixed to 1
-        client.log_artifacts(run_id, str(tmp), artifact_path="model")
-    except Exception as e:  # the run keeps best.pt; say why the MLflow model is missing
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pytorch.save_model(model.eval(), f"{tmp}/model", serialization_format="pt2",
+                                      pip_requirements=["torch"],
+                                      input_example=np.zeros([2, 1, *size], np.float32))  # batch 2: not fixed to 1
+            client.log_artifacts(run_id, f"{tmp}/model", artifact_path="model")
+    except Exception as e:
         print(f"WARNING: run {run_id}: MLflow model not logged ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
               flush=True)
+
+
+class ModelExports:
+    """The trials' MLflow models, exported one after another in a background thread of the
+    driver (one queue per process: `model_exports()`). torch.export takes seconds of CPU;
+    inline, it held up Tune's loop, so the next trial started only after it. The callback
+    still ends each trial's run at once (FINISHED, with its other artifacts): a driver lost
+    before the export leaves a run without its `model`, as a failed export does. `close()`
+    waits for the queue before the sweep ends."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-model")
+        self.futures: list = []
+
+    def submit(self, client, run_id: str, obj: dict, source: Path) -> None:
+        self.futures.append(self.pool.submit(export_pytorch_model, client, run_id, obj, source))
+
+    def pending(self) -> int:
+        return sum(not f.done() for f in self.futures)
+
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the queued exports; `cancel` (an interrupted sweep) drops those not started."""
+        left = self.pending()
+        if left and not cancel:
+            print(f"waiting for {left} trial model export(s) to MLflow", flush=True)
+        skipped = sum(f.cancel() for f in self.futures) if cancel else 0
+        self.pool.shutdown(wait=True)
+        if skipped:
+            print(f"{skipped} trial model export(s) to MLflow skipped (interrupted); "
+                  "their runs keep best.pt", flush=True)
+
+
+# Tune pickles its callbacks into the grid point's tuner.pkl, and on --resume runs the unpickled
+# copy: a callback cannot hold the thread, so the queue lives here, one per driver process.
+_exports: Optional[ModelExports] = None
+
+
+def model_exports() -> ModelExports:
+    global _exports
+    if _exports is None:
+        _exports = ModelExports()
+    return _exports
+
+
+def close_model_exports(cancel: bool = False) -> None:
+    """ModelExports.close on this process's queue, if it has one."""
+    global _exports
+    if _exports is not None:
+        _exports.close(cancel)
+        _exports = None
 
 
 class MlflowTrials(Callback):
     """Driver-side Tune callback: a child run per trial with params, curves and artifacts."""
 
     def __init__(self, client, experiment_id: str, parent_id: str, sweep: str, point: str, base: dict,
-                 digest: Optional[str] = None):
+                 digest: Optional[str] = None, background_exports: bool = False):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        # True: trials' MLflow models go to model_exports(); False: exported before the callback returns
+        self.background_exports = background_exports
         self.sweep, self.point, self.base, self.digest = sweep, point, base, digest
         self.runs: dict[str, str] = {}
         self.digests: dict[str, str] = {}
@@ -259,12 +314,26 @@ class MlflowTrials(Callback):
                 for name in run_folder.ARTIFACTS:
                     if (folder / name).exists():
                         self.client.log_artifact(run_id, str(folder / name))
-                if (folder / run_folder.BEST).exists():
-                    log_pytorch_model(self.client, run_id, folder / run_folder.BEST, Path(tmp) / "mlflow_model")
+                best = folder / run_folder.BEST
+                if best.exists():
+                    self._export(run_id, best)
         diverged = bool(last.get("diverged"))
         if diverged:
             self.client.set_tag(run_id, "buarl.status", "diverged")
         self.client.set_terminated(run_id, status="FAILED" if diverged else "FINISHED")
+
+    def _export(self, run_id: str, best: Path) -> None:
+        from buarl.checkpoint import read
+        from buarl.errors import CheckpointError
+        try:
+            obj = read(best)  # now: the folder may be a temporary copy
+        except CheckpointError as e:
+            print(f"WARNING: run {run_id}: MLflow model not logged ({e})", flush=True)
+            return
+        if getattr(self, "background_exports", False):  # a tuner.pkl pickled before this flag lacks it
+            model_exports().submit(self.client, run_id, obj, best)
+        else:
+            export_pytorch_model(self.client, run_id, obj, best)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._live(trial)

@@ -35,3 +35,38 @@ def test_a_second_local_sweep_is_refused_before_anything_is_written(tmp_path, mo
     assert rc == 2 and "another Ray cluster is running on this machine (127.0.0.1:6379)" in err
     assert "--address auto" in err
     assert not (tmp_path / "ray" / "phantom_tiny").exists()  # no sweep state: a later run starts clean
+
+
+def _idle_workers() -> list:
+    import psutil
+    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::IDLE")]
+
+
+def test_a_sweeps_own_cluster_prestarts_no_idle_workers():
+    """Ray prestarts idle workers for the first driver; a trial needs a worker with the
+    sweep's runtime environment, so they only took CPU from the trials. The sweep's local
+    cluster starts none, and the driver's environment is left as it was."""
+    import os
+    import time
+
+    import ray
+    from orchestrator import sweep
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # Ray's default
+    try:
+        start = time.time()
+        while not _idle_workers() and time.time() - start < 20:
+            time.sleep(0.2)
+        waited = time.time() - start
+        assert _idle_workers(), "a default local cluster prestarts idle workers (what this test looks for)"
+    finally:
+        ray.shutdown()
+    args = sweep.parser().parse_args(["--space", "phantom_tiny"])
+    plan, _ = sweep.prepare(args)
+    sweep.start_ray(args, plan, {})
+    try:
+        time.sleep(waited + 2)
+        assert not _idle_workers()
+        assert "RAY_prestart_worker_first_driver" not in os.environ
+    finally:
+        ray.shutdown()

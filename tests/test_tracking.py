@@ -177,3 +177,38 @@ def test_a_finished_trials_folder_is_found_in_either_checkpoint(sweep, tmp_path,
     run_id = driver.runs["a"]
     assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "config.yaml"}
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_trials_model_is_exported_in_the_background_after_its_run_is_final(sweep, acdc_phantom, tmp_path, capsys):
+    """The MLflow model (torch.export) no longer holds up Tune's loop: the run is FINISHED
+    with its files when the callback returns, the model lands once the queue is closed, and
+    the callback still pickles (Tune keeps it in tuner.pkl and resumes the unpickled copy)."""
+    import ray.cloudpickle
+
+    from buarl.checkpoint import save_best
+    from buarl.config import load_config
+    from buarl.nets import build
+    from orchestrator.tracking import close_model_exports
+    client, exp, parent = sweep
+    cfg = load_config("phantom", {"data_root": str(acdc_phantom)})
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder in (good, bad):
+        folder.mkdir()
+        (folder / "metrics.json").write_text("{}")
+    save_best(good / "best.pt", build("acdc", cfg.num_classes).state_dict(), cfg, 8, 0.5)
+    (bad / "best.pt").write_bytes(b"cut short")
+    driver = MlflowTrials(client, exp, parent, "s", "labeled=3", {"labeled": 3}, background_exports=True)
+    ray.cloudpickle.loads(ray.cloudpickle.dumps(driver))
+    for trial_id, folder in (("m", good), ("n", bad)):
+        trial = _trial(trial_id, {"iteration": 8, "checkpoint_path": str(folder)})
+        driver.on_trial_start(0, [], trial)
+        driver.on_trial_complete(0, [], trial)
+        run = client.get_run(driver.runs[trial_id])
+        assert run.info.status == "FINISHED"
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "best.pt"}
+    close_model_exports()
+    model = [a.path for a in client.list_artifacts(driver.runs["m"], "model")]
+    assert "model/MLmodel" in model
+    assert client.list_artifacts(driver.runs["n"], "model") == []
+    out = capsys.readouterr().out
+    assert f"run {driver.runs['n']}: MLflow model not logged" in out and "not a readable checkpoint" in out
