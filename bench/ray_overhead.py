@@ -173,8 +173,6 @@ def main() -> None:
         print(f"sweep (runner {runner}): {sweep_wall:.1f} s", flush=True)
     if not a.no_second_pass:
         passes.append(bare_pass(2))
-    if any(p[s]["test_dice"] != passes[0][s]["test_dice"] for p in passes for s in a.seeds):
-        sys.exit("ray_overhead: the bare passes differ in test Dice: the runs are not deterministic")
     bare = {s: {k: sum(p[s][k] for p in passes) / len(passes) for k in passes[0][s]} for s in a.seeds}
     bare_sum = sum(b["wall_s"] for b in bare.values())
     bare_train = sum(b["train_seconds"] for b in bare.values())
@@ -200,7 +198,9 @@ def main() -> None:
             "training_process": trainer,
             "ray_own_cpu_seconds": round(sum(v for k, v in cpu.items() if k.startswith("ray::") and k != trainer
                                              or k in RAY_DAEMONS), 1),
-            "same_test_dice": all(abs(trials[s]["test_dice"] - bare[s]["test_dice"]) < 1e-9 for s in a.seeds),
+            # against every bare pass: a run that is not deterministic shows here, the timings kept
+            "same_test_dice": all(abs(trials[s]["test_dice"] - p[s]["test_dice"]) < 1e-9
+                                  for p in passes for s in a.seeds),
             "met": bool(ratio <= TARGET_RATIO and fixed <= TARGET_FIXED_S)}
         print(f"sweep (runner {runner}): {sweep_wall:.1f} s, {ratio:.3f}x bare, {fixed:.1f} s per trial "
               f"({outside:.1f} s per trial outside the loops, the loops {sweep_train / bare_train:.3f}x bare's)",

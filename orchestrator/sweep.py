@@ -288,8 +288,7 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
         # Tune's default 1 CPU for it would halve how many trials fit on a small machine. A
         # placement group needs some resource: the waiting process's memory is the true one.
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
-    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest,
-                            background_exports=True)
+    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest)
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
                                 progress_reporter=progress_reporter(plan), verbose=1,

@@ -170,12 +170,9 @@ class ModelExports:
     def submit(self, client, run_id: str, obj: dict, source: Path) -> None:
         self.futures.append(self.pool.submit(export_pytorch_model, client, run_id, obj, source))
 
-    def pending(self) -> int:
-        return sum(not f.done() for f in self.futures)
-
     def close(self, cancel: bool = False) -> None:
         """Wait for the queued exports; `cancel` (an interrupted sweep) drops those not started."""
-        left = self.pending()
+        left = sum(not f.done() for f in self.futures)
         if left and not cancel:
             print(f"waiting for {left} trial model export(s) to MLflow", flush=True)
         skipped = sum(f.cancel() for f in self.futures) if cancel else 0
@@ -209,10 +206,8 @@ class MlflowTrials(Callback):
     """Driver-side Tune callback: a child run per trial with params, curves and artifacts."""
 
     def __init__(self, client, experiment_id: str, parent_id: str, sweep: str, point: str, base: dict,
-                 digest: Optional[str] = None, background_exports: bool = False):
+                 digest: Optional[str] = None):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
-        # True: trials' MLflow models go to model_exports(); False: exported before the callback returns
-        self.background_exports = background_exports
         self.sweep, self.point, self.base, self.digest = sweep, point, base, digest
         self.runs: dict[str, str] = {}
         self.digests: dict[str, str] = {}
@@ -330,10 +325,7 @@ class MlflowTrials(Callback):
         except CheckpointError as e:
             print(f"WARNING: run {run_id}: MLflow model not logged ({e})", flush=True)
             return
-        if getattr(self, "background_exports", False):  # a tuner.pkl pickled before this flag lacks it
-            model_exports().submit(self.client, run_id, obj, best)
-        else:
-            export_pytorch_model(self.client, run_id, obj, best)
+        model_exports().submit(self.client, run_id, obj, best)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._live(trial)

@@ -197,7 +197,7 @@ def test_a_trials_model_is_exported_in_the_background_after_its_run_is_final(swe
         (folder / "metrics.json").write_text("{}")
     save_best(good / "best.pt", build("acdc", cfg.num_classes).state_dict(), cfg, 8, 0.5)
     (bad / "best.pt").write_bytes(b"cut short")
-    driver = MlflowTrials(client, exp, parent, "s", "labeled=3", {"labeled": 3}, background_exports=True)
+    driver = MlflowTrials(client, exp, parent, "s", "labeled=3", {"labeled": 3})
     ray.cloudpickle.loads(ray.cloudpickle.dumps(driver))
     for trial_id, folder in (("m", good), ("n", bad)):
         trial = _trial(trial_id, {"iteration": 8, "checkpoint_path": str(folder)})
