@@ -75,7 +75,8 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode,
            "it_per_s": (s1 - s0) / (t1 - t0), "window": [w0, w1], "first_log_s": round(clock.marks[0][1] - began, 1),
            "loss_last": round(clock.last.get("loss", float("nan")), 4),
-           "evaluation_s": ended - t1, "test_cases": metrics["cases"], "device": device,
+           "evaluation_s": ended - t1, "evaluation_split_s": metrics.get("seconds"),
+           "test_cases": metrics["cases"], "device": device,
            "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
     if compile_mode != "none":
         from torch._dynamo.utils import counters
@@ -252,8 +253,10 @@ def main() -> None:
     report["G1_acdc_solo"] = {"it_per_s": round(speed, 2), "gpu_util_pct": util_solo,
                               "target": ">= 45 it/s and >= 70 % utilisation",
                               "protocol_minutes_upper_bound": protocol_minutes("acdc", speed)}
+    # seconds: from the last logged step to train's return (the last validation included);
+    # split_s: evaluate's own predict (network, zooms) and metrics (host) seconds
     report["G5_evaluation"] = {"seconds": round(solo[0]["evaluation_s"], 2), "cases": solo[0]["test_cases"],
-                               "target": "<= 5 s on a GPU"}
+                               "split_s": solo[0].get("evaluation_split_s"), "target": "<= 5 s on a GPU"}
     save("solo")
 
     modes = [m for m in (a.compile or ("none" if a.smoke else "reduce-overhead,default")).split(",")
