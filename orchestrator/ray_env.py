@@ -44,9 +44,12 @@ def local_cluster_env(dashboard: bool) -> dict[str, str]:
     """What a local cluster of the sweep's own leaves out (Ray reads RAY_<setting> when its
     processes start). Ray prestarts idle workers for the first driver, but a trial needs a
     worker with the sweep's runtime environment and gets a new one, so the idle ones only
-    take CPU from the trials (ray::IDLE took 3.9 CPU-s of the G6 bench's two-trial sweep). Metrics
-    are collected for the dashboard: without one, nothing reads them."""
-    env = {"RAY_prestart_worker_first_driver": "0"}
+    take CPU from the trials (ray::IDLE took 3.9 CPU-s of the G6 bench's two-trial sweep). Ray
+    Train starts a preemption watcher per worker group, an actor that polls for nodes being
+    drained (spot instances, autoscaler): one machine's cluster is never drained, and the
+    watchers took 7.4 CPU-s of the `runner: train` sweep. Metrics are collected for the
+    dashboard: without one, nothing reads them."""
+    env = {"RAY_prestart_worker_first_driver": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     if not dashboard:
         env["RAY_enable_metrics_collection"] = "0"
     return env

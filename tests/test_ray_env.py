@@ -45,7 +45,9 @@ def _idle_workers() -> list:
 def test_a_sweeps_own_cluster_prestarts_no_idle_workers():
     """Ray prestarts idle workers for the first driver; a trial needs a worker with the
     sweep's runtime environment, so they only took CPU from the trials. The sweep's local
-    cluster starts none, and the driver's environment is left as it was."""
+    cluster starts none, its workers (where a trial starts Ray Train) see Ray Train's
+    preemption watcher switched off, and the driver's environment is left as it was."""
+    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR
     import os
     import time
 
@@ -67,6 +69,10 @@ def test_a_sweeps_own_cluster_prestarts_no_idle_workers():
     try:
         time.sleep(waited + 2)
         assert not _idle_workers()
+        worker_env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in (
+            ENABLE_PREEMPTION_WATCHER_ENV_VAR, "RAY_prestart_worker_first_driver")}).remote())
+        assert worker_env == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_prestart_worker_first_driver": "0"}
         assert "RAY_prestart_worker_first_driver" not in os.environ
+        assert ENABLE_PREEMPTION_WATCHER_ENV_VAR not in os.environ
     finally:
         ray.shutdown()
