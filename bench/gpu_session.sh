@@ -10,7 +10,7 @@
 # It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session"):
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
 #   .gpu_data/la.u8.xz                      bench/pack_la.py's small LA subset (8-bit, cropped; speed only)
-#   .whl/                                   pydantic, medpy and their pure-Python needs
+#   .whl/                                   pydantic and its pure-Python needs
 # Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, session.log, where the card has
 # MPS and time is left gpu_<card>_mps.json + bench_mps.log, and with PARITY=1
 # parity_runs.tgz (the four `buarl train` folders, checkpoints left out). Stages get deadlines inside
@@ -36,24 +36,39 @@ fi
     --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || [ "$SMOKE" = 1 ]
-python3 -c "import torch, pydantic, medpy, buarl.train; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" \
+python3 -c "import torch, pydantic, buarl.train; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" \
     || exit 1
 python3 .gpu_data/unpack_acdc.py .gpu_data/acdc.u8.xz /tmp/ACDC & a=$!
 python3 bench/pack_la.py unpack .gpu_data/la.u8.xz /tmp/LA & b=$!
 wait $a $b  # (a bare wait would also wait for the tee above)
 echo "[$(( $(date +%s) - START )) s] data unpacked"
-# the device clean-up of the pseudo-labels on this card equals scipy's (tests/test_fast_paths.py on the CPU)
+# the device clean-up of the pseudo-labels on this card equals scipy's, eager and compiled
+# (tests/test_fast_paths.py on the CPU), and what one ACDC pseudo-label batch's clean-up costs
 python3 - <<'PY'
-import numpy as np, torch
-from buarl.method.pseudo import largest_components, largest_components_torch
+import time, numpy as np, torch
+from buarl.method.pseudo import keep_largest_torch, largest_components, largest_components_torch
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(0)
 for shape in [(36, 128, 128), (2, 64, 64, 48)]:
     for conn in ("full", "face"):
         m = rng.random(shape) < 0.3
-        same = np.array_equal(largest_components_torch(torch.from_numpy(m).to(dev), conn).cpu().numpy(),
-                              largest_components(m, conn))
-        print(f"device components == scipy on {dev}, {shape}, {conn}: {same}")
+        for compiled in (False, True):
+            same = np.array_equal(largest_components_torch(torch.from_numpy(m).to(dev), conn, compiled).cpu().numpy(),
+                                  largest_components(m, conn))
+            print(f"device components == scipy on {dev}, {shape}, {conn}, compiled={compiled}: {same}")
+# 12 unlabeled 256x256 images, 4 classes (acdc): blobs like a teacher's argmax
+g = torch.Generator().manual_seed(0)
+labels = torch.nn.functional.avg_pool2d(torch.randn(12, 4, 256, 256, generator=g), 15, 1, 7).argmax(1).to(dev)
+reps = 20 if dev == "cuda" else 1  # (the CPU smoke only checks the path)
+for compiled in (False, True):
+    for _ in range(3 if dev == "cuda" else 1):
+        keep_largest_torch(labels, 4, "full", compiled)
+    torch.cuda.synchronize() if dev == "cuda" else None
+    t = time.perf_counter()
+    for _ in range(reps):
+        keep_largest_torch(labels, 4, "full", compiled)
+    torch.cuda.synchronize() if dev == "cuda" else None
+    print(f"clean-up of a 12 x 256 x 256 batch, compiled={compiled}: {(time.perf_counter() - t) / reps * 1000:.2f} ms")
 PY
 
 PARITY=${PARITY:-0}

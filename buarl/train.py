@@ -230,7 +230,7 @@ class Loop:
         w, stats = self.weights(u, source, t)
         if cfg.mt_consistency == "mse":
             return self.loss(logits[:n], y_l, w[:n], source[:n]) + mse_consistency(logits[n:], p_u, w[n:]), stats
-        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity)
+        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile != "none")
         stats["pseudo_fg"] = (plab > 0).float().mean()
         return self.loss(logits, torch.cat([y_l, plab]), w, source), stats
 
@@ -240,7 +240,7 @@ class Loop:
         h = x_l.shape[0] // 2
         chunks = 2 if cfg.split_forward else 1
         p_u = self.teacher_probs(x_u, chunks)
-        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity)
+        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile != "none")
         u_u = entropy_map(p_u)
         # Without URL (or with the student's U) the labeled weights ignore the teacher's U,
         # so the teacher skips the labeled images, as BCP's does.

@@ -99,6 +99,42 @@ def test_device_components_test_for_the_fixed_point_every_few_sweeps(monkeypatch
     assert n_each > 8 and n_grouped % 4 == 0 and n_each <= n_grouped <= n_each + 3, (n_each, n_grouped)
 
 
+@pytest.mark.slow
+def test_compiled_device_components_equal_scipy():
+    """The sweeps compiled into one graph (what a compiled GPU run uses; inductor's CPU code
+    here) reach the same components as scipy, in 2-D (ACDC's 8-connectivity, a spiral's long
+    path) and 3-D (face connectivity), and the compiled graph is reused, not recompiled."""
+    from torch._dynamo.utils import counters
+
+    from buarl.method import pseudo
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[:64, :64]
+    r, th = np.hypot(yy - 32, xx - 32), np.arctan2(yy - 32, xx - 32)
+    spiral = (np.abs(((r - 3 * th) % 12) - 6) < 2) & (r < 30)
+    cases = [(np.stack([spiral] + [rng.random((64, 64)) < p for p in (0.2, 0.45, 0.6)]), "full"),
+             (rng.random((3, 10, 12, 14)) < 0.4, "face")]
+    counters.clear()
+    for masks, connectivity in cases:
+        for _ in range(2):  # the second call of a shape reuses its graph
+            got = pseudo.largest_components_torch(torch.from_numpy(masks), connectivity, compiled=True)
+            assert np.array_equal(got.numpy(), largest_components(masks, connectivity)), connectivity
+    assert counters["stats"]["unique_graphs"] == 2  # one per shape and connectivity
+
+
+def test_a_clean_up_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):
+    from buarl.method import pseudo
+
+    def broken(*args):
+        raise RuntimeError("no backend for this")
+
+    monkeypatch.setattr(pseudo, "_compiled_sweeps", broken)
+    masks = np.random.default_rng(2).random((3, 20, 20)) < 0.5
+    with pytest.warns(UserWarning, match="compiled clean-up failed .*no backend for this.*runs eagerly"):
+        got = pseudo.largest_components_torch(torch.from_numpy(masks), "full", compiled=True)
+    assert np.array_equal(got.numpy(), largest_components(masks, "full"))
+    assert pseudo._compiled_sweeps is False
+
+
 def test_device_pseudo_label_clean_up_equals_scipy():
     g = torch.Generator().manual_seed(5)
     # smooth random maps, so the labels form blobs of several components per class

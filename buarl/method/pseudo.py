@@ -1,6 +1,8 @@
 """Teacher pseudo-labels: argmax, optionally cleaned to the largest component per class (BCP)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,37 +58,68 @@ def _min_neighbour(ids: torch.Tensor, connectivity: str) -> torch.Tensor:
     return out
 
 
-def largest_components_torch(masks: torch.Tensor, connectivity: str = "full") -> torch.Tensor:
+def _sweep(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, connectivity: str) -> torch.Tensor:
+    """Each id becomes the minimum over its neighbours inside the mask, then jumps to its
+    id's id (pointer jumping: a voxel's id is always a voxel of its component, so this only
+    shortens the way)."""
+    new = torch.where(inside, _min_neighbour(ids, connectivity), float("inf"))
+    flat = new.flatten()
+    return torch.where(fg, flat[torch.where(fg, flat, 0).long()], flat).reshape(ids.shape)
+
+
+def _sweeps(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor,
+            connectivity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The work between two fixed-point tests: SWEEPS_PER_CHECK sweeps; returns the last
+    two results."""
+    for _ in range(SWEEPS_PER_CHECK - 1):
+        ids = _sweep(ids, inside, fg, connectivity)
+    return ids, _sweep(ids, inside, fg, connectivity)
+
+
+_compiled_sweeps = None  # built on first use; False once compiling it failed
+
+
+def _run_sweeps(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, connectivity: str,
+                compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sweeps` itself, or compiled into one graph: on a GPU the eager sweeps are ~8 small
+    kernels each, ~35 sweeps per pseudo-label batch, each launched by the host (the largest
+    eager part of a compiled iteration: BENCHMARKS.md), and fused they are a few kernels per
+    SWEEPS_PER_CHECK sweeps. Shapes are fixed per run, so no dynamic shapes. A backend that
+    cannot compile them leaves the eager sweeps, which compute the same ids (one warning)."""
+    global _compiled_sweeps
+    if compiled and _compiled_sweeps is not False:
+        if _compiled_sweeps is None:
+            _compiled_sweeps = torch.compile(_sweeps, dynamic=False, fullgraph=True)
+        try:
+            return _compiled_sweeps(ids, inside, fg, connectivity)
+        except Exception as e:  # noqa: BLE001 (inductor's failures have no common base)
+            _compiled_sweeps = False
+            warnings.warn(f"buarl: the pseudo-labels' compiled clean-up failed ({type(e).__name__}: "
+                          f"{str(e)[:200]}); it runs eagerly from now on", stacklevel=2)
+    return _sweeps(ids, inside, fg, connectivity)
+
+
+def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
     """`largest_components` on the masks' own device (a GPU keeps the pseudo-labels there):
     every voxel starts with its raster index as id; ids spread as the minimum over
-    neighbours inside the mask, and each id jumps to its id's id (a voxel's id is always a
-    voxel of its component, so this only shortens the way) until nothing changes. A
-    component ends with the raster index of its first voxel, so ties go to the first
-    component in raster order, as in the scipy path. masks (N, *spatial) bool."""
+    neighbours inside the mask and jump along their ids (`_sweep`) until nothing changes.
+    The fixed point is unique (each voxel holds its component's smallest raster index,
+    however the sweeps are grouped or compiled), so ties go to the first component in
+    raster order, as in the scipy path. masks (N, *spatial) bool; `compiled`: the sweeps
+    through torch.compile (`_run_sweeps`)."""
     n = masks.shape[0]
     # float ids (pooling needs floats): exact up to 2**24 in float32, beyond in float64
     dtype = torch.float32 if masks.numel() < 2 ** 24 else torch.float64
-    inf = torch.tensor(float("inf"), dtype=dtype, device=masks.device)
     index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
-    ids = torch.where(masks, index, inf)[:, None]
+    ids = torch.where(masks, index, float("inf"))[:, None]
     inside, fg = masks[:, None], masks.flatten()
-
-    def sweep(ids: torch.Tensor) -> torch.Tensor:
-        new = torch.where(inside, _min_neighbour(ids, connectivity), inf)
-        flat = new.flatten()
-        # pointer jumping: id <- id of the voxel the id names
-        return torch.where(fg, flat[torch.where(fg, flat, 0).long()], flat).reshape(ids.shape)
-
     while True:
         # A sweep that changes nothing reached the fixed point, and further sweeps keep it:
         # testing only every SWEEPS_PER_CHECK-th sweep costs at most that many - 1 idle sweeps
         # and saves the host syncs in between on a GPU (a pseudo-label batch takes ~35 sweeps)
-        for _ in range(SWEEPS_PER_CHECK - 1):
-            ids = sweep(ids)
-        new = sweep(ids)
-        if torch.equal(new, ids):
+        before, ids = _run_sweeps(ids, inside, fg, connectivity, compiled)
+        if torch.equal(before, ids):
             break
-        ids = new
     ids = ids[:, 0].long()
     ids = torch.where(masks, ids, -1)
     counts = torch.bincount(ids[masks], minlength=masks.numel())
@@ -98,20 +131,22 @@ def largest_components_torch(masks: torch.Tensor, connectivity: str = "full") ->
     return ((flat_ids == keep) & masks.reshape(n, -1)).reshape(masks.shape)
 
 
-def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full") -> torch.Tensor:
+def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
     """probs (B, C, ...) -> labels (B, ...); with lcc, each foreground class of each image
     keeps only its largest connected component (the rest becomes background). On a CPU
-    scipy labels the components; elsewhere they are found on the device (no round trip)."""
+    scipy labels the components; elsewhere they are found on the device (no round trip),
+    with `compiled` sweeps in a run that compiles its network."""
     labels = probs.argmax(1)
     if not lcc:
         return labels
-    clean = keep_largest_scipy if labels.device.type == "cpu" else keep_largest_torch
-    return clean(labels, probs.shape[1], connectivity)
+    if labels.device.type == "cpu":
+        return keep_largest_scipy(labels, probs.shape[1], connectivity)
+    return keep_largest_torch(labels, probs.shape[1], connectivity, compiled)
 
 
-def keep_largest_torch(labels: torch.Tensor, classes: int, connectivity: str) -> torch.Tensor:
+def keep_largest_torch(labels: torch.Tensor, classes: int, connectivity: str, compiled: bool = False) -> torch.Tensor:
     masks = torch.stack([labels == c for c in range(1, classes)], 1)  # (B, C-1, ...)
-    keep = largest_components_torch(masks.flatten(0, 1), connectivity).reshape(masks.shape)
+    keep = largest_components_torch(masks.flatten(0, 1), connectivity, compiled).reshape(masks.shape)
     cls = torch.arange(1, classes, device=labels.device).reshape((1, -1) + (1,) * (labels.dim() - 1))
     return (keep * cls).sum(1)
 
