@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from buarl.data.augment import augment_2d, augment_batch_2d, draw_2d
+from buarl.method.losses import region_loss
 from buarl.method.pseudo import (keep_largest_scipy, keep_largest_torch, largest_components,
                                  largest_components_torch)
 from buarl.method.teacher import ema_update
@@ -243,3 +244,4 @@ def test_compiled_training_follows_the_eager_loop(acdc_phantom):
     # the compiled path was the one taken, and it runs the teacher the EMA updates
     assert comp[2].teacher_net is not comp[2].teacher and comp[2].teacher_net._orig_mod is comp[2].teacher
     assert eager[2].teacher_net is eager[2].teacher
+    assert eager[2].region_loss is region_loss and comp[2].region_loss is not region_loss
