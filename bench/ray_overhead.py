@@ -76,7 +76,12 @@ class CpuWatch:
                 # a process first seen after the start began during the command: all its CPU counts
                 before = self.last.get(pid, sec if first else 0.0)
                 self.used[pid] = self.used.get(pid, 0.0) + max(0.0, sec - before)
-                self.last[pid], self.names[pid] = sec, name
+                self.last[pid] = sec
+                # an exiting process shows only its kernel name, cut at 15 characters
+                # (ray::RayTrainWo): it keeps the full title it was seen with
+                known = self.names.get(pid)
+                if not (known and len(name) <= 15 and known.startswith(name)):
+                    self.names[pid] = name
             first = False
             time.sleep(self.period)
 
