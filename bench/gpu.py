@@ -158,6 +158,11 @@ def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, la
     return results, util.mean(window if window and window[0] < window[1] else None)
 
 
+def card_slug(card: str) -> str:
+    """The card's name as it appears in result file names (gpu_<slug>.json)."""
+    return "".join(c if c.isalnum() else "_" for c in card)[:40]
+
+
 def protocol_minutes(kind: str, it_per_s: float) -> float:
     """The full protocol (pre-training + self-training) at this speed, start-up and
     evaluations left out: an upper bound on what the speed alone allows."""
@@ -218,8 +223,7 @@ def main() -> None:
         print(f"bench/gpu.py: {stage}: " + json.dumps({k: v for k, v in report.items() if k.startswith("G")}),
               file=sys.stderr, flush=True)
         if not a.smoke:
-            card = "".join(c if c.isalnum() else "_" for c in report["card"])[:40]
-            path = ROOT / "bench" / "results" / f"gpu_{card}{'_' + a.tag if a.tag else ''}.json"
+            path = ROOT / "bench" / "results" / f"gpu_{card_slug(report['card'])}{'_' + a.tag if a.tag else ''}.json"
             path.write_text(json.dumps(report, indent=2) + "\n")
 
     def measure(name: str, kind: str, root, n: int, labeled: int, test_cases: int = 1, mode: str = "none"):

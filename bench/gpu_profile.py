@@ -18,6 +18,7 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.gpu import card_slug  # noqa: E402 (after the path: run as a script)
 
 
 def main() -> None:
@@ -78,8 +79,7 @@ def main() -> None:
     print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), file=out)
     text = out.getvalue()
     print(text)
-    name = "".join(c if c.isalnum() else "_" for c in card)[:40]
-    path = a.out or ROOT / "bench" / "results" / f"gpu_profile_{name}_{a.compile.replace('-', '_')}.txt"
+    path = a.out or ROOT / "bench" / "results" / f"gpu_profile_{card_slug(card)}_{a.compile.replace('-', '_')}.txt"
     path.write_text(text)
     print(f"wrote {path}")
 

@@ -126,3 +126,13 @@ def test_a_later_compiled_phase_that_fails_is_recorded_and_the_bench_goes_on(mon
     assert "G2_acdc_packed_compiled" not in report and report["G3_la"]["compiled"]["solo_it_per_s"] == 50.0
     assert [p["phase"] for p in report["phases"]] == ["G1 eager", "G1 reduce-overhead", "G2 eager", "G3 eager",
                                                       "G3 eager x2", "G3 reduce-overhead"]
+
+
+def test_result_files_are_named_after_the_card():
+    gpu = _load_gpu()
+    names = [p.name for p in (ROOT / "bench" / "results").glob("gpu_*")]
+    for card in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        assert gpu.card_slug(card) in {"NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"}
+        assert any(n.startswith(f"gpu_{gpu.card_slug(card)}.") for n in names)
+        assert any(n[len(f"gpu_profile_{gpu.card_slug(card)}"):][:1] in (".", "_")
+                   for n in names if n.startswith(f"gpu_profile_{gpu.card_slug(card)}"))
