@@ -31,11 +31,24 @@ PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, 
 
 
 def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool, labeled: int,
-           test_cases: int, compile_mode: str = "none") -> dict:
-    """One measured run of the loop; prints and returns its speeds."""
+           test_cases: int, compile_mode: str = "none", eager_glue: bool = False) -> dict:
+    """One measured run of the loop; prints and returns its speeds. `eager_glue`: a compiled
+    run's loss and pseudo-label clean-up left eager, as before they were compiled (the A/B)."""
     import logging
 
     import torch
+
+    if eager_glue:
+        import buarl.method.pseudo as pseudo
+        import buarl.train as loop_module
+        pseudo._compiled_sweeps = False  # what a failed compile leaves: the eager sweeps
+        init = loop_module.Loop.__init__
+
+        def eager_loss_init(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.region_loss = loop_module.region_loss
+
+        loop_module.Loop.__init__ = eager_loss_init
 
     from buarl.config import load_config
     from buarl.train import Reporter, train
@@ -72,7 +85,7 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     metrics = train(cfg, clock)
     ended = time.perf_counter()
     (s0, t0, w0), (s1, t1, w1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
-    out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode,
+    out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode, "eager_glue": eager_glue,
            "it_per_s": (s1 - s0) / (t1 - t0), "window": [w0, w1], "first_log_s": round(clock.marks[0][1] - began, 1),
            "loss_last": round(clock.last.get("loss", float("nan")), 4),
            "evaluation_s": ended - t1, "evaluation_split_s": metrics.get("seconds"),
@@ -131,11 +144,12 @@ class Utilisation:
 
 
 def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, labeled: int,
-          test_cases: int, compile_mode: str = "none") -> tuple[list[dict], float | None]:
+          test_cases: int, compile_mode: str = "none", eager_glue: bool = False) -> tuple[list[dict], float | None]:
     """n workers at once; test_cases=0 evaluates the whole test set (G5), else that many."""
     cmd = [sys.executable, __file__, "--worker", kind, "--iters", str(iters), "--device", device,
            "--labeled", str(labeled), "--test-cases", str(test_cases), "--compile", compile_mode]
     cmd += ["--smoke"] if smoke else []
+    cmd += ["--eager-glue"] if eager_glue else []
     cmd += ["--root", data_root] if data_root else []
     env = {**os.environ, "BENCH_WORKERS": str(n)}
     print(f"bench/gpu.py: {kind}, {n} worker(s) at once, {iters} iterations each, compile={compile_mode} ...",
@@ -191,20 +205,21 @@ def main() -> None:
                         "none with --smoke)")
     p.add_argument("--phases", default="compiled,g2,g3",
                    help="what to measure beside eager G1 + G5 (always: every ratio is to it): "
-                        "comma-separated compiled, g2, g3")
+                        "comma-separated compiled, glue (compiled once more with the loss and clean-up eager), g2, g3")
     p.add_argument("--tag", default="", help="names the run in its results file (gpu_<card>_<tag>.json), e.g. mps")
     p.add_argument("--worker", choices=["acdc", "la"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--labeled", type=int, help=argparse.SUPPRESS)
     p.add_argument("--test-cases", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--eager-glue", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     device = a.device or ("cpu" if a.smoke else "cuda")
     if a.worker:
-        worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases, a.compile or "none")
+        worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases, a.compile or "none", a.eager_glue)
         return
     phases = set(a.phases.split(",")) - {""}
-    if phases - {"compiled", "g2", "g3"}:
-        raise SystemExit(f"bench/gpu.py: --phases {a.phases!r}: expected a comma-separated list of compiled, g2, g3")
+    if phases - {"compiled", "glue", "g2", "g3"}:
+        raise SystemExit(f"bench/gpu.py: --phases {a.phases!r}: expected a comma-separated list of compiled, glue, g2, g3")
     known = ("none", "default", "reduce-overhead", "max-autotune")
     if any(m not in known for m in (a.compile or "none").split(",")):
         raise SystemExit(f"bench/gpu.py: --compile {a.compile!r}: expected a comma-separated list of {', '.join(known)}")
@@ -226,11 +241,12 @@ def main() -> None:
             path = ROOT / "bench" / "results" / f"gpu_{card_slug(report['card'])}{'_' + a.tag if a.tag else ''}.json"
             path.write_text(json.dumps(report, indent=2) + "\n")
 
-    def measure(name: str, kind: str, root, n: int, labeled: int, test_cases: int = 1, mode: str = "none"):
+    def measure(name: str, kind: str, root, n: int, labeled: int, test_cases: int = 1, mode: str = "none",
+                eager_glue: bool = False):
         """One phase, its cost kept in report["phases"]. A compiled phase that fails is a
         result (its error in report["compile_failures"], None back), not the end of the bench."""
         try:
-            results, util = phase(kind, root, iters, n, device, a.smoke, labeled, test_cases, mode)
+            results, util = phase(kind, root, iters, n, device, a.smoke, labeled, test_cases, mode, eager_glue)
         except SystemExit as e:
             if mode == "none":
                 raise
@@ -279,6 +295,14 @@ def main() -> None:
             "note": "speed after the warm-up logs: compilation is not in it (first_log_s is)"}
         save("solo compiled")
         break
+    if compiled_mode and "glue" in phases:
+        glue, util_glue = measure(f"G1 {compiled_mode}, loss and clean-up eager", "acdc", a.acdc, 1, acdc_l,
+                                  mode=compiled_mode, eager_glue=True)
+        if glue:
+            report["G1_acdc_solo_compiled"].update(
+                glue_eager_it_per_s=round(glue[0]["it_per_s"], 2), glue_eager_gpu_util_pct=util_glue,
+                over_glue_eager=round(comp_speed / glue[0]["it_per_s"], 2))
+            save("solo compiled, glue eager")
 
     if "g2" in phases:
         packed, util_packed = measure("G2 eager", "acdc", a.acdc, a.packed, acdc_l)

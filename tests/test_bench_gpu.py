@@ -18,7 +18,7 @@ def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
     gpu = _load_gpu()
     speeds = {"acdc": 50.0, "la": 8.0}
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none"):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
         assert compile_mode == "none"
         each = speeds[kind] * (0.9 if n > 1 else 1.0)
         return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
@@ -37,7 +37,7 @@ def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(mon
     gpu = _load_gpu()
     calls = []
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none"):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
         calls.append((kind, n, compile_mode))
         if compile_mode == "reduce-overhead" and fail:
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nskipping cudagraphs")
@@ -69,7 +69,7 @@ def test_a_failed_compile_mode_falls_back_to_the_next(monkeypatch, capsys):
     gpu = _load_gpu()
     calls = []
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none"):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
         calls.append((kind, n, compile_mode))
         if compile_mode == "reduce-overhead":
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nCUDA graphs")
@@ -114,7 +114,7 @@ def test_gpu_profile_reports_speed_and_where_the_time_goes(tmp_path, monkeypatch
 def test_a_later_compiled_phase_that_fails_is_recorded_and_the_bench_goes_on(monkeypatch, capsys):
     gpu = _load_gpu()
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none"):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
         if compile_mode != "none" and n > 1:
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nout of memory")
         return [{"it_per_s": 50.0, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
