@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +109,11 @@ def main() -> None:
         distances[label] = round(time.perf_counter() - start, 3)
     same = all(all(np.array_equal(r, q) for r, q in zip(sum(results[k], ()), sum(results["distance_transform"], ())))
                for k in methods)
+    # what the metrics no longer import: medpy on top of what evaluate already loads
+    probe = ("import time, numpy, scipy.ndimage, scipy.spatial, torch; t = time.perf_counter(); "
+             "import medpy.metric; print(time.perf_counter() - t)")
+    medpy_import_s = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                          check=True).stdout)
     out = {"command": "python bench/evaluation.py --checkpoint RUN/best.pt --data-root ../shared/data/ACDC",
            "checkpoint": {key: obj["config"].get(key) for key in ("base", "labeled", "image_size", "pretrain_iters", "iters")} | {
                           "test_dice_at_this_size": round(current["dice"], 4)},
@@ -119,6 +126,7 @@ def main() -> None:
            "surface_voxels": int(sum(len(r) for r in sum(results["distance_transform"], ()))),
            "box_voxels": int(sum(x.size for x, _ in pairs)),
            "identical_per_case": identical, "identical_distances": same,
+           "medpy_import_s": round(medpy_import_s, 2),
            "target_s": TARGET_S, "met": bool(wall["current"] <= TARGET_S and identical and same)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

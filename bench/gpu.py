@@ -39,16 +39,14 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     import torch
 
     if eager_glue:
-        import buarl.method.pseudo as pseudo
         import buarl.train as loop_module
-        pseudo._compiled_sweeps = False  # what a failed compile leaves: the eager sweeps
         init = loop_module.Loop.__init__
 
-        def eager_loss_init(self, *args, **kwargs):
+        def eager_rest_init(self, *args, **kwargs):
             init(self, *args, **kwargs)
-            self.region_loss = loop_module.region_loss
+            self.compile_rest, self.region_loss = False, loop_module.region_loss
 
-        loop_module.Loop.__init__ = eager_loss_init
+        loop_module.Loop.__init__ = eager_rest_init
 
     from buarl.config import load_config
     from buarl.train import Reporter, train

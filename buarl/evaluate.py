@@ -68,10 +68,11 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, policy: str = "reference", th
         # medpy's hd95 (95th percentile of both directions) and asd (mean of prediction to
         # truth) from one set of distances
         pred_to_gt, gt_to_pred = surface_distances(pred, gt, threads)
-        inter, p, g = np.count_nonzero(pred & gt), np.count_nonzero(pred), np.count_nonzero(gt)
         # medpy's dc and jc, to the bit (the same integer counts, the same division), without
-        # importing medpy (its scipy.stats import: a third of a second in each evaluating process)
-        return {"dice": 2.0 * inter / float(p + g), "jaccard": inter / float(p + g - inter),
+        # importing medpy, whose scipy.stats import each evaluating process would pay
+        # (medpy_import_s in bench/results/evaluation.json)
+        inter, total = _overlap(pred, gt)
+        return {"dice": 2.0 * inter / float(total), "jaccard": inter / float(total - inter),
                 "hd95": float(np.percentile(np.hstack((pred_to_gt, gt_to_pred)), 95)),
                 "asd": float(pred_to_gt.mean())}, False
     empty = has_g and not has_p
@@ -83,10 +84,14 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, policy: str = "reference", th
     return {"dice": 0.0, "jaccard": 0.0, "hd95": diagonal, "asd": diagonal}, empty
 
 
+def _overlap(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
+    """|pred & gt| and |pred| + |gt|: what medpy's dc and jc divide."""
+    return int(np.count_nonzero(pred & gt)), int(np.count_nonzero(pred)) + int(np.count_nonzero(gt))
+
+
 def dice_only(pred: np.ndarray, gt: np.ndarray) -> float:
     """Fast Dice for validation (same value as medpy's dc; 0 when both are empty)."""
-    inter = np.count_nonzero(pred & gt)
-    total = np.count_nonzero(pred) + np.count_nonzero(gt)
+    inter, total = _overlap(pred, gt)
     return 2.0 * inter / total if total else 0.0
 
 
@@ -112,8 +117,8 @@ def evaluating(model: nn.Module, shape_search: bool):
     Training turns the search on for its fixed batch shapes. It pays where an evaluation's
     shapes repeat (validation runs again and again; LA's windows share one shape), not
     where each input is new: an ACDC test volume's slice count is its batch, 8 counts
-    among the 40 test volumes, and a search per new shape is timed against the volume's
-    whole prediction nowhere yet (a GPU is needed: bench/gpu.py's G5). Both are restored."""
+    among the 40 test volumes (not timed apart: on an H100 G5 went from 10.3 to 2.89 s with
+    this and the k-d tree together, BENCHMARKS.md). Both are restored."""
     was, search = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = search and shape_search
@@ -129,9 +134,10 @@ def _case_row(name: str, pred: np.ndarray, label: np.ndarray, classes: list[str]
     row: dict = {"case": name}
     empty = structures = 0
     for c, cls in enumerate(classes, start=1):
-        m, e = case_metrics(pred == c, label == c, policy, threads)
+        gt = label == c
+        m, e = case_metrics(pred == c, gt, policy, threads)
         empty += int(e)
-        structures += int((label == c).any())
+        structures += int(gt.any())
         row[cls] = {k: float(v) for k, v in m.items()}
     return row, empty, structures
 

@@ -73,10 +73,10 @@ def compile_mode_of(cfg: Config, device: torch.device, world: int = 1) -> str:
     return "reduce-overhead" if cuda_graphs else "none"
 
 
-def compiled(model: nn.Module, mode: str) -> nn.Module:
-    """The module as training calls it: itself, or torch.compile'd in `mode`. The compiled
-    wrapper shares the module's parameters and buffers (the EMA and checkpoints keep using the
-    module); shapes are fixed per call site, so no dynamic-shape graphs."""
+def compiled(model, mode: str):
+    """The module (or function) as training calls it: itself, or torch.compile'd in `mode`.
+    A compiled module's wrapper shares its parameters and buffers (the EMA and checkpoints
+    keep using the module); shapes are fixed per call site, so no dynamic-shape graphs."""
     if mode == "none":
         return model
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)

@@ -116,10 +116,12 @@ class Loop:
         self.compile = compile_mode_of(cfg, self.device, self.world)
         self.teacher_net = compiled(self.teacher, self.compile)  # shares the teacher's weights and buffers
         self.student = wrap(SplitForward(compiled(core, self.compile)))
-        # The loss (softmax, CE, Dice per region, and their backward) is ~170 small kernels per
-        # BCP step when eager, each launched by the host; compiled it fuses into a few. Without
-        # CUDA graphs of its own: its inputs are the student's graph outputs of this very step.
-        self.region_loss = region_loss if self.compile == "none" else torch.compile(region_loss, dynamic=False)
+        # A compiled run also compiles the loss (softmax, CE and Dice per region, and their
+        # backward) and the pseudo-labels' device clean-up: eager, each of their many small ops
+        # is a kernel the host launches (1.22x on an H100: BENCHMARKS.md, G1). Without CUDA
+        # graphs of their own: their inputs are outputs of this very step's graphs.
+        self.compile_rest = self.compile != "none"
+        self.region_loss = compiled(region_loss, "default" if self.compile_rest else "none")
         self.optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(enabled=precision_of(cfg, self.device) == "amp")
@@ -234,7 +236,7 @@ class Loop:
         w, stats = self.weights(u, source, t)
         if cfg.mt_consistency == "mse":
             return self.loss(logits[:n], y_l, w[:n], source[:n]) + mse_consistency(logits[n:], p_u, w[n:]), stats
-        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile != "none")
+        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
         stats["pseudo_fg"] = (plab > 0).float().mean()
         return self.loss(logits, torch.cat([y_l, plab]), w, source), stats
 
@@ -244,7 +246,7 @@ class Loop:
         h = x_l.shape[0] // 2
         chunks = 2 if cfg.split_forward else 1
         p_u = self.teacher_probs(x_u, chunks)
-        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile != "none")
+        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
         u_u = entropy_map(p_u)
         # Without URL (or with the student's U) the labeled weights ignore the teacher's U,
         # so the teacher skips the labeled images, as BCP's does.

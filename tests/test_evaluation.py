@@ -112,7 +112,7 @@ def test_evaluation_restores_the_models_mode_and_cudnns_search(acdc_phantom, mon
 
 def test_metrics_run_without_importing_medpy():
     """medpy is the tests' reference only: its import (scipy.stats) would cost every
-    evaluating process a third of a second."""
+    evaluating process (bench/evaluation.py's medpy_import_s)."""
     import subprocess
     import sys
 

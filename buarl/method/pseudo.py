@@ -1,7 +1,7 @@
 """Teacher pseudo-labels: argmax, optionally cleaned to the largest component per class (BCP)."""
 from __future__ import annotations
 
-import warnings
+import functools
 
 import numpy as np
 import torch
@@ -76,27 +76,13 @@ def _sweeps(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor,
     return ids, _sweep(ids, inside, fg, connectivity)
 
 
-_compiled_sweeps = None  # built on first use; False once compiling it failed
-
-
-def _run_sweeps(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, connectivity: str,
-                compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_sweeps` itself, or compiled into one graph: on a GPU the eager sweeps are ~8 small
-    kernels each, ~35 sweeps per pseudo-label batch, each launched by the host (the largest
-    eager part of a compiled iteration: BENCHMARKS.md), and fused they are a few kernels per
-    SWEEPS_PER_CHECK sweeps. Shapes are fixed per run, so no dynamic shapes. A backend that
-    cannot compile them leaves the eager sweeps, which compute the same ids (one warning)."""
-    global _compiled_sweeps
-    if compiled and _compiled_sweeps is not False:
-        if _compiled_sweeps is None:
-            _compiled_sweeps = torch.compile(_sweeps, dynamic=False, fullgraph=True)
-        try:
-            return _compiled_sweeps(ids, inside, fg, connectivity)
-        except Exception as e:  # noqa: BLE001 (inductor's failures have no common base)
-            _compiled_sweeps = False
-            warnings.warn(f"buarl: the pseudo-labels' compiled clean-up failed ({type(e).__name__}: "
-                          f"{str(e)[:200]}); it runs eagerly from now on", stacklevel=2)
-    return _sweeps(ids, inside, fg, connectivity)
+@functools.cache
+def _compiled_sweeps():
+    """`_sweeps` compiled into one graph (inductor, no CUDA graphs: its inputs are each the
+    previous call's outputs). On a GPU the eager sweeps are several small kernels each, ~35
+    sweeps per pseudo-label batch, each launched by the host; compiled, a few kernels per
+    SWEEPS_PER_CHECK sweeps (BENCHMARKS.md, G1). Shapes are fixed per run."""
+    return torch.compile(_sweeps, dynamic=False, fullgraph=True)
 
 
 def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
@@ -106,18 +92,19 @@ def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", co
     The fixed point is unique (each voxel holds its component's smallest raster index,
     however the sweeps are grouped or compiled), so ties go to the first component in
     raster order, as in the scipy path. masks (N, *spatial) bool; `compiled`: the sweeps
-    through torch.compile (`_run_sweeps`)."""
+    through torch.compile (`_compiled_sweeps`)."""
     n = masks.shape[0]
     # float ids (pooling needs floats): exact up to 2**24 in float32, beyond in float64
     dtype = torch.float32 if masks.numel() < 2 ** 24 else torch.float64
     index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
     ids = torch.where(masks, index, float("inf"))[:, None]
     inside, fg = masks[:, None], masks.flatten()
+    sweeps = _compiled_sweeps() if compiled else _sweeps
     while True:
         # A sweep that changes nothing reached the fixed point, and further sweeps keep it:
         # testing only every SWEEPS_PER_CHECK-th sweep costs at most that many - 1 idle sweeps
         # and saves the host syncs in between on a GPU (a pseudo-label batch takes ~35 sweeps)
-        before, ids = _run_sweeps(ids, inside, fg, connectivity, compiled)
+        before, ids = sweeps(ids, inside, fg, connectivity)
         if torch.equal(before, ids):
             break
     ids = ids[:, 0].long()
