@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# BENCH_BUARL=DIR measures DIR/buarl (e.g. an earlier commit's, from `git archive`) with this
+# bench: a before/after on the same card in one session. Workers inherit it.
+sys.path.insert(0, os.environ.get("BENCH_BUARL", str(ROOT)))
 PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, self-training
 
 
@@ -225,7 +227,11 @@ def main() -> None:
         raise SystemExit("bench/gpu.py: --acdc DATA_ROOT is required (or --smoke)")
     iters = 6 if a.smoke else a.iters
     report: dict = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "device": device,
-                    "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke, "tag": a.tag}
+                    "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke, "tag": a.tag,
+                    "buarl_measured": os.environ.get("BENCH_BUARL", "this checkout")}
+    commit_file = Path(os.environ.get("BENCH_BUARL", ROOT)) / "COMMIT"
+    if commit_file.exists():  # (a baseline folder names its commit there)
+        report["buarl_commit"] = commit_file.read_text().strip()
     acdc_l = labeled_for("acdc", a.smoke, a.la_labeled)
     path = None
 

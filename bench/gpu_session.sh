@@ -7,11 +7,13 @@
 #   PARITY=1 bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #   STAGES=profile,mps MPS_PHASES=compiled,g2 bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #   STAGES=bench,profile BENCH_PHASES=compiled,glue bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
+#   STAGES=bench,baseline,profile BENCH_PHASES=compiled BENCH_TAG=after bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #
 # It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session"):
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
 #   .gpu_data/la.u8.xz                      bench/pack_la.py's small LA subset (8-bit, cropped; speed only)
 #   .whl/                                   pydantic and its pure-Python needs
+#   .baseline/ (stage baseline only)        an earlier commit's buarl/ and its COMMIT
 # Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, session.log, where the card has
 # MPS and time is left gpu_<card>_mps.json + bench_mps.log, and with PARITY=1
 # parity_runs.tgz (the four `buarl train` folders, checkpoints left out). Stages get deadlines inside
@@ -74,16 +76,23 @@ for compiled in (False, True):
 PY
 
 PARITY=${PARITY:-0}
-STAGES=${STAGES:-bench,mps}  # any of bench, profile, mps (in that order)
+STAGES=${STAGES:-bench,mps}  # any of bench, baseline, profile, mps (in that order)
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 # Issue 12: G1 (solo, then compiled with CUDA graphs), G2 (4 packed), G5 (evaluation), G3
 # (LA on the 2-labeled subset). Without the parity runs it has all but the packing-up time.
 if has bench; then
     BENCH_T=$(( $(left) - (PARITY == 1 ? 320 : 30) ))
     timeout $BENCH_T python3 bench/gpu.py --acdc /tmp/ACDC --la /tmp/LA --la-labeled 2 --iters $ITERS $DEV \
-        --phases ${BENCH_PHASES:-compiled,glue,g2,g3} \
+        --phases ${BENCH_PHASES:-compiled,glue,g2,g3} ${BENCH_TAG:+--tag $BENCH_TAG} \
         2>&1 | tee "$OUT/bench.log"
     echo "[$(( $(date +%s) - START )) s] bench done"
+fi
+# The same bench on an earlier commit's code, for a before/after on this very card:
+#   git archive COMMIT buarl | tar -x -C .baseline && echo COMMIT > .baseline/COMMIT  (carry .baseline)
+if has baseline && [ -d .baseline/buarl ]; then
+    BENCH_BUARL=$PWD/.baseline timeout $(( $(left) - 60 )) python3 bench/gpu.py --acdc /tmp/ACDC --iters $ITERS $DEV \
+        --phases compiled --compile ${BASELINE_COMPILE:-reduce-overhead} --tag baseline 2>&1 | tee "$OUT/bench_baseline.log"
+    echo "[$(( $(date +%s) - START )) s] baseline bench done"
 fi
 # Where a compiled iteration's time goes (torch.profiler; bench/results/gpu_profile_*.txt)
 if has profile && [ "$(left)" -gt 100 ]; then

@@ -114,16 +114,23 @@ class Loop:
         self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
         self.teacher = make_teacher(core)
         self.compile = compile_mode_of(cfg, self.device, self.world)
-        self.teacher_net = compiled(self.teacher, self.compile)  # shares the teacher's weights and buffers
+        # The network is compiled, not the split around it: compiled whole (both chunks in one
+        # graph), torch 2.13's inductor got the first layers' gradients wrong by several percent
+        # (tests/test_fast_paths.py). The wrappers share the modules' weights and buffers.
+        self.teacher_net = SplitForward(compiled(self.teacher, self.compile))
         self.student = wrap(SplitForward(compiled(core, self.compile)))
-        # A compiled run also compiles the loss (softmax, CE and Dice per region, and their
-        # backward) and the pseudo-labels' device clean-up: eager, each of their many small ops
-        # is a kernel the host launches (1.22x on an H100: BENCHMARKS.md, G1). Without CUDA
-        # graphs of their own: their inputs are outputs of this very step's graphs.
+        # A compiled run also compiles the rest of the step's tensor code: the copy-paste batch
+        # with its uncertainty and weight maps, the loss (softmax, CE and Dice per region, and
+        # their backward) and the pseudo-labels' device clean-up. Eager, each of their many
+        # small ops is a kernel the host launches (BENCHMARKS.md, G1). Without CUDA graphs of
+        # their own: their inputs are outputs of this very step's graphs.
         self.compile_rest = self.compile != "none"
-        self.region_loss = compiled(region_loss, "default" if self.compile_rest else "none")
+        rest_mode = "default" if self.compile_rest else "none"
+        self.region_loss = compiled(region_loss, rest_mode)
+        self.bcp_batch = compiled(self.bcp_batch_eager, rest_mode)
+        # fused: one kernel for the whole SGD update on a GPU (the CPU keeps the default path)
         self.optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+                                         weight_decay=cfg.weight_decay, fused=self.device.type == "cuda" or None)
         self.scaler = torch.amp.GradScaler(enabled=precision_of(cfg, self.device) == "amp")
         unlabeled_bs = 0 if cfg.base == "supervised" else cfg.batch_size - cfg.labeled_bs
         self.sampler = TwoStreamSampler(self.data.labeled_idx, self.data.unlabeled_idx,
@@ -163,20 +170,26 @@ class Loop:
         cfg = self.cfg
         # the student's memory format: a plain NCHW input to channels-last weights makes
         # oneDNN reorder it at every layer
-        parts = x.contiguous(memory_format=self.fmt).chunk(chunks)
         with autocast(cfg, self.device):
             if cfg.uncertainty == "mc_entropy":
+                parts = x.contiguous(memory_format=self.fmt).chunk(chunks)
                 return torch.cat([mc_probs(self.teacher, part, cfg.mc_passes, self.gen) for part in parts])
             self.teacher.train(cfg.teacher_mode == "train")
-            return torch.cat([torch.softmax(self.teacher_net(part).float(), 1) for part in parts])
+            return torch.softmax(self.teacher_net(x.contiguous(memory_format=self.fmt), chunks).float(), 1)
 
-    def weights(self, u: torch.Tensor, source: torch.Tensor, t: int) -> tuple[torch.Tensor, dict]:
+    def schedule(self, t: int) -> torch.Tensor:
+        """tau_u and the CRL ramp at step t, as one tensor on the run's device (compiled code
+        takes them as inputs: a value that changes per step never recompiles it)."""
+        cfg, t_self = self.cfg, t - self.pretrain
+        return torch.tensor([tau_u_at(t_self, cfg.rampup_iters, cfg.tau_u, cfg.tau_u_start),
+                             ramp(t_self, cfg.rampup_iters)], device=self.device)
+
+    def weights(self, u: torch.Tensor, source: torch.Tensor, schedule: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-pixel weights: URL on labeled pixels (source 1), CRL on unlabeled (source 0)."""
         cfg = self.cfg
-        t_self = t - self.pretrain
-        tau_u = tau_u_at(t_self, cfg.rampup_iters, cfg.tau_u, cfg.tau_u_start)
+        tau_u, ramp_value = schedule[0], schedule[1]
         w_lab = url_weights(u, cfg.url, cfg.tau_l, cfg.lambda_url, cfg.region_mode)
-        w_unl = crl_weights(u, cfg.crl, tau_u, cfg.lambda_crl, ramp(t_self, cfg.rampup_iters), cfg.region_mode)
+        w_unl = crl_weights(u, cfg.crl, tau_u, cfg.lambda_crl, ramp_value, cfg.region_mode)
         w = source * w_lab + (1 - source) * w_unl
         lab_area, unl_area = source.sum().clamp(min=1), (1 - source).sum().clamp(min=1)
         stats = {"frac_high": (high_region(u, cfg.tau_l, cfg.region_mode) * source).sum() / lab_area,
@@ -206,7 +219,7 @@ class Loop:
         logits = self.forward(x_l)
         source = torch.ones(y_l.shape, device=x_l.device)
         u = self.uncertainty(x_l, logits) if self.cfg.url else torch.zeros_like(source)
-        w, stats = self.weights(u, source, t)
+        w, stats = self.weights(u, source, self.schedule(t))
         return self.loss(logits, y_l, w, source), stats
 
     def uncertainty(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -233,7 +246,7 @@ class Loop:
             u_l = entropy_map(probs_t[:n]) if cfg.url else u_u.new_zeros((n,) + u_u.shape[1:])
             u = torch.cat([u_l, u_u])
         source = torch.cat([torch.ones_like(u[:n]), torch.zeros_like(u[n:])])
-        w, stats = self.weights(u, source, t)
+        w, stats = self.weights(u, source, self.schedule(t))
         if cfg.mt_consistency == "mse":
             return self.loss(logits[:n], y_l, w[:n], source[:n]) + mse_consistency(logits[n:], p_u, w[n:]), stats
         plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
@@ -247,27 +260,38 @@ class Loop:
         chunks = 2 if cfg.split_forward else 1
         p_u = self.teacher_probs(x_u, chunks)
         plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
-        u_u = entropy_map(p_u)
         # Without URL (or with the student's U) the labeled weights ignore the teacher's U,
         # so the teacher skips the labeled images, as BCP's does.
-        u_l = (entropy_map(self.teacher_probs(x_l, chunks)) if cfg.url and cfg.uncertainty_source == "teacher"
-               else torch.zeros_like(u_u))
+        p_l = self.teacher_probs(x_l, chunks) if cfg.url and cfg.uncertainty_source == "teacher" else None
         m = box_mask(tuple(x_l.shape[2:]), cfg.paste_ratio, self.gen).to(x_l.device)
+        schedule = self.schedule(t)
+        x, target, source, w, stats = self.bcp_batch(x_l, y_l, x_u, p_u, p_l, plab, m, schedule)
+        logits = self.forward(x, chunks)
+        if cfg.uncertainty_source == "student":
+            w, student_stats = self.weights(entropy_map(torch.softmax(logits.detach(), 1)), source, schedule)
+            stats.update(student_stats)
+        # Two mixed batches, each its own mix loss as in BCP.
+        loss = self.loss(logits[:h], target[:h], w[:h], source[:h]) + \
+            self.loss(logits[h:], target[h:], w[h:], source[h:])
+        return loss, stats
+
+    def bcp_batch_eager(self, x_l, y_l, x_u, p_u, p_l, plab, m, schedule):
+        """The student's copy-paste batch: images, targets (pseudo-labels outside the labeled
+        box), the source map and the weights from the mixed uncertainty (the labeled images'
+        zero without `p_l`), with their stats. Tensor code only: `self.bcp_batch` is this
+        function compiled into one graph in a compiled run."""
+        h = x_l.shape[0] // 2
+        u_u = entropy_map(p_u)
+        u_l = entropy_map(p_l) if p_l is not None else torch.zeros_like(u_u)
         # mix(a, b, m) keeps a outside the box and b inside it.
         x = torch.cat([mix(x_u[:h], x_l[:h], m), mix(x_l[h:], x_u[h:], m)])
         target = torch.cat([mix(plab[:h], y_l[:h], m), mix(y_l[h:], plab[h:], m)]).long()
         u = torch.cat([mix(u_u[:h], u_l[:h], m), mix(u_l[h:], u_u[h:], m)])
         ones = torch.ones_like(u[:h])
         source = torch.cat([mix(0 * ones, ones, m), mix(ones, 0 * ones, m)])
-        logits = self.forward(x, chunks)
-        if cfg.uncertainty_source == "student":
-            u = entropy_map(torch.softmax(logits.detach(), 1))
-        w, stats = self.weights(u, source, t)
+        w, stats = self.weights(u, source, schedule)
         stats["pseudo_fg"] = (plab > 0).float().mean()
-        # Two mixed batches, each its own mix loss as in BCP.
-        loss = self.loss(logits[:h], target[:h], w[:h], source[:h]) + \
-            self.loss(logits[h:], target[h:], w[h:], source[h:])
-        return loss, stats
+        return x, target, source, w, stats
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> dict:

@@ -54,16 +54,42 @@ def augment_2d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
     return image.contiguous(), label.contiguous()
 
 
-def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+def _rot90_flip_theta(k: int, axis: int) -> torch.Tensor:
+    """`torch.rot90(., k, (H, W))` then a flip of H (axis 0) or W (axis 1), as the affine map
+    of output to input coordinates that `affine_grid` takes (x along W, y along H). On a
+    square image with align_corners=False it sends pixel centres to pixel centres, so nearest
+    sampling reproduces rot90 and flip exactly."""
+    quarter = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # rot90 k=1: out[i, j] = in[j, N-1-i]
+    flip = torch.diag(torch.tensor([1.0, -1.0] if axis == 0 else [-1.0, 1.0]))
+    return torch.cat([torch.linalg.matrix_power(quarter, k) @ flip, torch.zeros(2, 1)], 1)
+
+
+def _sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
+    """Images and labels through one affine_grid + grid_sample (nearest) per sample's theta."""
+    stacked = torch.cat([images, labels[:, None].to(images.dtype)], 1)
+    grid = F.affine_grid(theta.to(images.device), list(stacked.shape), align_corners=False)
+    out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out[:, :1], out[:, 1].round().to(labels.dtype)
+
+
+def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+                     one_pass: bool | None = None):
     """images (B, 1, H, W), labels (B, H, W) with H == W, on any device: the draws of
-    `augment_2d` sample by sample, applied as one op per (k, axis) group and one
-    affine_grid + grid_sample for all rotated samples, so that a GPU step launches a
-    handful of kernels instead of a few per image. Same result as `augment_2d` per sample
-    (tests/test_fast_paths.py)."""
+    `augment_2d` sample by sample, applied batched. `one_pass` (the default off the CPU):
+    one affine_grid + grid_sample over the whole batch, rot90 + flip being affine maps too
+    and "none" the identity, so that a GPU step launches a handful of kernels whatever the
+    draws. Else (the CPU's default, where sampling every pixel costs twice the copies): one
+    rot90 + flip per (k, axis) group and one grid_sample for the rotated samples. Both equal
+    `augment_2d` per sample (tests/test_fast_paths.py)."""
     if images.shape[-1] != images.shape[-2]:
         pairs = [augment_2d(i, l, gen) for i, l in zip(images, labels)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     draws = [draw_2d(gen) for _ in range(len(images))]
+    if one_pass if one_pass is not None else images.device.type != "cpu":
+        theta = torch.stack([_rot90_flip_theta(k, axis) if kind == "rot90" else _theta(degrees)
+                             for kind, k, axis, degrees in draws])  # "none": 0 degrees, the identity
+        images, labels = _sample(images, labels, theta)
+        return images.contiguous(), labels
     images, labels = images.clone(), labels.clone()
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (kind, k, axis, _) in enumerate(draws):
@@ -76,12 +102,7 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
     rotated = [i for i, d in enumerate(draws) if d[0] == "rotate"]
     if rotated:
         ix = torch.tensor(rotated, device=images.device)
-        theta = torch.stack([_theta(draws[i][3]) for i in rotated]).to(images.device)
-        stacked = torch.cat([images[ix], labels[ix][:, None].to(images.dtype)], 1)
-        grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
-        out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        images[ix] = out[:, :1]
-        labels[ix] = out[:, 1].round().to(labels.dtype)
+        images[ix], labels[ix] = _sample(images[ix], labels[ix], torch.stack([_theta(draws[i][3]) for i in rotated]))
     return images, labels
 
 

@@ -40,7 +40,9 @@ def largest_components(masks: np.ndarray, connectivity: str = "full") -> np.ndar
     return (ids == keep.reshape((-1,) + (1,) * (ids.ndim - 1))) & (ids > 0)
 
 
-SWEEPS_PER_CHECK = 4
+# A test for the fixed point is a host sync on a GPU, after which the card idles until the
+# host launches the next sweeps; idle sweeps cost far less there (BENCHMARKS.md, G1).
+SWEEPS_PER_CHECK = 8
 
 
 def _min_neighbour(ids: torch.Tensor, connectivity: str) -> torch.Tensor:
@@ -103,7 +105,8 @@ def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", co
     while True:
         # A sweep that changes nothing reached the fixed point, and further sweeps keep it:
         # testing only every SWEEPS_PER_CHECK-th sweep costs at most that many - 1 idle sweeps
-        # and saves the host syncs in between on a GPU (a pseudo-label batch takes ~35 sweeps)
+        # and saves the host syncs in between on a GPU (an ACDC pseudo-label batch took ~35
+        # sweeps: ~5 tests instead of ~9 with 4 sweeps per test)
         before, ids = sweeps(ids, inside, fg, connectivity)
         if torch.equal(before, ids):
             break

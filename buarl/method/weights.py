@@ -6,6 +6,7 @@ unlabeled pixel: w = lambda_crl * ramp(t) * [U < tau_u]     (CRL; L = 1 when off
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 
@@ -18,23 +19,30 @@ def ramp(t: int, total: int) -> float:
     return math.exp(-5.0 * x * x)
 
 
-def thresholds(u: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
+# A threshold or scale that changes during training reaches compiled code as a 0-d tensor
+# (the loop's `schedule`): a Python float would be baked into the graph, one graph per value.
+Scalar = Union[float, torch.Tensor]
+
+
+def thresholds(u: torch.Tensor, tau: Scalar, mode: str) -> torch.Tensor:
     """The threshold per image, shaped to broadcast against u (B, ...).
 
     threshold mode: tau itself; quantile mode: the per-image tau-quantile of U.
     """
     if mode == "threshold":
+        if isinstance(tau, torch.Tensor):
+            return tau.to(u.dtype).reshape((1,) * u.dim())
         return torch.full((u.shape[0],) + (1,) * (u.dim() - 1), tau, dtype=u.dtype, device=u.device)
-    q = torch.quantile(u.flatten(1).float(), tau, dim=1).to(u.dtype)
+    q = torch.quantile(u.flatten(1).float(), tau.float() if isinstance(tau, torch.Tensor) else tau, dim=1).to(u.dtype)
     return q.view(-1, *([1] * (u.dim() - 1)))
 
 
-def high_region(u: torch.Tensor, tau_l: float, mode: str = "threshold") -> torch.Tensor:
+def high_region(u: torch.Tensor, tau_l: Scalar, mode: str = "threshold") -> torch.Tensor:
     """H = [U > tau_l] as float."""
     return (u > thresholds(u, tau_l, mode)).float()
 
 
-def low_region(u: torch.Tensor, tau_u: float, mode: str = "threshold") -> torch.Tensor:
+def low_region(u: torch.Tensor, tau_u: Scalar, mode: str = "threshold") -> torch.Tensor:
     """L = [U < tau_u] as float."""
     return (u < thresholds(u, tau_u, mode)).float()
 
@@ -46,8 +54,8 @@ def url_weights(u: torch.Tensor, enabled: bool, tau_l: float, lambda_url: float,
     return 1.0 + lambda_url * high_region(u, tau_l, mode)
 
 
-def crl_weights(u: torch.Tensor, enabled: bool, tau_u: float, lambda_crl: float,
-                ramp_value: float, mode: str = "threshold") -> torch.Tensor:
+def crl_weights(u: torch.Tensor, enabled: bool, tau_u: Scalar, lambda_crl: float,
+                ramp_value: Scalar, mode: str = "threshold") -> torch.Tensor:
     region = low_region(u, tau_u, mode) if enabled else torch.ones_like(u)
     return lambda_crl * ramp_value * region
 
