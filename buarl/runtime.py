@@ -82,6 +82,18 @@ def compiled(model, mode: str):
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
+def upload(values, device: torch.device) -> torch.Tensor:
+    """A small host tensor (or list of numbers) on `device`, without a host sync. A plain
+    `.to("cuda")` of pageable host memory makes the host wait for every kernel already
+    queued, which empties the card's queue once per call. From pinned memory the copy is
+    queued like a kernel, and PyTorch's caching host allocator keeps the pinned source
+    until the copy is done."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def step_begin(mode: str) -> None:
     """Tells CUDA-graph trees a new iteration starts: the previous one's graph outputs may be
     overwritten (the loop keeps none of them across iterations)."""

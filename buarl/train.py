@@ -43,7 +43,7 @@ from buarl.method.uncertainty import entropy_map, mc_probs, perturb
 from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
 from buarl.nets import build
 from buarl.runtime import (autocast, compile_mode_of, compiled, device_of, memory_format, precision_of,
-                           seed_everything, step_begin, to_device)
+                           seed_everything, step_begin, to_device, upload)
 
 
 class Reporter:
@@ -114,10 +114,12 @@ class Loop:
         self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
         self.teacher = make_teacher(core)
         self.compile = compile_mode_of(cfg, self.device, self.world)
-        # The network is compiled, not the split around it: compiled whole (both chunks in one
-        # graph), torch 2.13's inductor got the first layers' gradients wrong by several percent
+        # The student's network is compiled, not the split around it: compiled whole (both
+        # chunks in one graph), torch 2.13's inductor got the first layers' gradients wrong by
+        # several percent. The teacher has no backward, and its split compiled whole computes
+        # eager's outputs and running statistics: one graph for all its chunks of a step
         # (tests/test_fast_paths.py). The wrappers share the modules' weights and buffers.
-        self.teacher_net = SplitForward(compiled(self.teacher, self.compile))
+        self.teacher_net = compiled(SplitForward(self.teacher), self.compile)
         self.student = wrap(SplitForward(compiled(core, self.compile)))
         # A compiled run also compiles the rest of the step's tensor code: the copy-paste batch
         # with its uncertainty and weight maps, the loss (softmax, CE and Dice per region, and
@@ -181,8 +183,8 @@ class Loop:
         """tau_u and the CRL ramp at step t, as one tensor on the run's device (compiled code
         takes them as inputs: a value that changes per step never recompiles it)."""
         cfg, t_self = self.cfg, t - self.pretrain
-        return torch.tensor([tau_u_at(t_self, cfg.rampup_iters, cfg.tau_u, cfg.tau_u_start),
-                             ramp(t_self, cfg.rampup_iters)], device=self.device)
+        return upload([tau_u_at(t_self, cfg.rampup_iters, cfg.tau_u, cfg.tau_u_start),
+                       ramp(t_self, cfg.rampup_iters)], self.device)
 
     def weights(self, u: torch.Tensor, source: torch.Tensor, schedule: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-pixel weights: URL on labeled pixels (source 1), CRL on unlabeled (source 0)."""
@@ -201,14 +203,14 @@ class Loop:
         with autocast(self.cfg, self.device):
             return self.student(x.contiguous(memory_format=self.fmt), chunks).float()
 
-    def loss(self, logits, target, weight, source) -> torch.Tensor:
-        return self.region_loss(logits, target, weight, source, self.cfg.dice_smooth, self.cfg.dice_form)
+    def loss(self, logits, target, weight, source, parts: int = 1) -> torch.Tensor:
+        return self.region_loss(logits, target, weight, source, self.cfg.dice_smooth, self.cfg.dice_form, parts)
 
     def pretrain_step(self, x_l, y_l):
         """BCP pre-training: labeled pairs copy-pasted into each other, both regions supervised
         (ACDC: a loss per region; LA: one loss over the whole mixed image)."""
         half = x_l.shape[0] // 2
-        m = box_mask(tuple(x_l.shape[2:]), self.cfg.paste_ratio, self.gen).to(x_l.device)
+        m = box_mask(tuple(x_l.shape[2:]), self.cfg.paste_ratio, self.gen, x_l.device)
         x = mix(x_l[:half], x_l[half:], m)
         y = mix(y_l[:half], y_l[half:], m).long()
         source = m.expand_as(y).float() if self.cfg.pretrain_loss == "regions" else torch.ones_like(y, dtype=torch.float)
@@ -256,14 +258,18 @@ class Loop:
     def bcp_step(self, x_l, y_l, x_u, t):
         """Bidirectional copy-paste: a labeled box into an unlabeled image and vice versa."""
         cfg = self.cfg
-        h = x_l.shape[0] // 2
         chunks = 2 if cfg.split_forward else 1
-        p_u = self.teacher_probs(x_u, chunks)
-        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
         # Without URL (or with the student's U) the labeled weights ignore the teacher's U,
-        # so the teacher skips the labeled images, as BCP's does.
-        p_l = self.teacher_probs(x_l, chunks) if cfg.url and cfg.uncertainty_source == "teacher" else None
-        m = box_mask(tuple(x_l.shape[2:]), cfg.paste_ratio, self.gen).to(x_l.device)
+        # so the teacher skips the labeled images, as BCP's does. With it, one teacher call
+        # sees both: the two batches are of one even size (config), so the 2 * chunks chunks
+        # are the unlabeled batch's chunks, then the labeled one's.
+        p_l = None
+        if cfg.url and cfg.uncertainty_source == "teacher":
+            p_u, p_l = self.teacher_probs(torch.cat([x_u, x_l]), 2 * chunks).split([len(x_u), len(x_l)])
+        else:
+            p_u = self.teacher_probs(x_u, chunks)
+        plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
+        m = box_mask(tuple(x_l.shape[2:]), cfg.paste_ratio, self.gen, x_l.device)
         schedule = self.schedule(t)
         x, target, source, w, stats = self.bcp_batch(x_l, y_l, x_u, p_u, p_l, plab, m, schedule)
         logits = self.forward(x, chunks)
@@ -271,9 +277,7 @@ class Loop:
             w, student_stats = self.weights(entropy_map(torch.softmax(logits.detach(), 1)), source, schedule)
             stats.update(student_stats)
         # Two mixed batches, each its own mix loss as in BCP.
-        loss = self.loss(logits[:h], target[:h], w[:h], source[:h]) + \
-            self.loss(logits[h:], target[h:], w[h:], source[h:])
-        return loss, stats
+        return self.loss(logits, target, w, source, parts=2), stats
 
     def bcp_batch_eager(self, x_l, y_l, x_u, p_u, p_l, plab, m, schedule):
         """The student's copy-paste batch: images, targets (pseudo-labels outside the labeled
@@ -317,13 +321,18 @@ class Loop:
 
             step_begin(self.compile)
             lab_idx, unl_idx = self.sampler.next()
-            x_l, y_l = (v.to(self.device) for v in data.batch(lab_idx, self.gen))
+            if stage == "pretrain" or cfg.base == "supervised":
+                unl_idx = []  # drawn (the sampler's stream goes on) but not used
+            # One augmented batch, labeled images first: the draws of two batches in a row,
+            # a single set of ops. Unlabeled images' labels are never read.
+            x, y = (v.to(self.device) for v in data.batch(lab_idx + unl_idx, self.gen))
+            n = len(lab_idx)
+            x_l, y_l, x_u = x[:n], y[:n], x[n:]
             if stage == "pretrain":
                 loss, stats = self.pretrain_step(x_l, y_l)
             elif cfg.base == "supervised":
                 loss, stats = self.supervised_step(x_l, y_l, t)
             else:
-                x_u = data.batch(unl_idx, self.gen)[0].to(self.device)  # unlabeled: labels never read
                 step_fn = self.mt_step if cfg.base == "mt" else self.bcp_step
                 loss, stats = step_fn(x_l, y_l, x_u, t)
 

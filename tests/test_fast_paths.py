@@ -97,8 +97,9 @@ def test_device_components_follow_long_shapes_and_break_ties_by_raster_order():
 
 def test_device_components_test_for_the_fixed_point_every_few_sweeps(monkeypatch):
     """Each test of the fixed point is a host sync on a GPU. Testing every SWEEPS_PER_CHECK-th
-    sweep gives the same components, that many times fewer tests, and at most that many - 1
-    idle sweeps more than testing after each sweep."""
+    sweep gives the same components with that many times fewer tests. The sweeps queued while
+    a test's answer travels (one call) and the rounding up to a whole call are all the idle
+    sweeps it costs."""
     from buarl.method import pseudo
     yy, xx = np.mgrid[:96, :96]
     r, th = np.hypot(yy - 48, xx - 48), np.arctan2(yy - 48, xx - 48)
@@ -114,14 +115,15 @@ def test_device_components_test_for_the_fixed_point_every_few_sweeps(monkeypatch
     each, n_each = run(1)
     grouped, n_grouped = run(4)
     assert torch.equal(each, grouped)
-    assert n_each > 8 and n_grouped % 4 == 0 and n_each <= n_grouped <= n_each + 3, (n_each, n_grouped)
+    # n_each: the sweeps up to the first that changes nothing, and the one queued behind it
+    assert n_each > 8 and n_grouped % 4 == 0 and n_each + 3 <= n_grouped <= n_each + 6, (n_each, n_grouped)
 
 
 @pytest.mark.slow
 def test_compiled_device_components_equal_scipy():
     """The sweeps compiled into one graph (what a compiled GPU run uses; inductor's CPU code
     here) reach the same components as scipy, in 2-D (ACDC's 8-connectivity, a spiral's long
-    path) and 3-D (face connectivity), and the compiled graph is reused, not recompiled."""
+    path) and 3-D (face connectivity), and the compiled graphs are reused, not recompiled."""
     from torch._dynamo.utils import counters
 
     from buarl.method import pseudo
@@ -136,7 +138,7 @@ def test_compiled_device_components_equal_scipy():
         for _ in range(2):  # the second call of a shape reuses its graph
             got = pseudo.largest_components_torch(torch.from_numpy(masks), connectivity, compiled=True)
             assert np.array_equal(got.numpy(), largest_components(masks, connectivity)), connectivity
-    assert counters["stats"]["unique_graphs"] == 2  # one per shape and connectivity
+    assert counters["stats"]["unique_graphs"] == 4  # the sweeps and the counting, per shape and connectivity
 
 
 def test_device_pseudo_label_clean_up_equals_scipy():
@@ -147,6 +149,20 @@ def test_device_pseudo_label_clean_up_equals_scipy():
     for connectivity in ("full", "face"):
         assert torch.equal(keep_largest_torch(labels, 4, connectivity), keep_largest_scipy(labels, 4, connectivity))
     assert (keep_largest_scipy(labels, 4, "full") != labels).any()  # the clean-up removed something
+
+
+def test_upload_and_the_box_mask_give_the_host_values_on_the_device():
+    """The per-step host values (indices, augmentation matrices, the schedule) reach the
+    device through `upload`; the copy-paste box is made where it is used. (On a GPU both
+    avoid a host sync; here only the values can be checked.)"""
+    from buarl.method.mixing import box_mask
+    from buarl.runtime import upload
+
+    assert torch.equal(upload([3, 1, 2], torch.device("cpu")), torch.tensor([3, 1, 2]))
+    theta = torch.rand(2, 2, 3)
+    assert torch.equal(upload(theta, torch.device("cpu")), theta)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(box_mask((12, 9), 2 / 3, g1), box_mask((12, 9), 2 / 3, g2, torch.device("cpu")))
 
 
 def test_foreach_ema_equals_the_per_tensor_formula():
@@ -231,6 +247,40 @@ def test_a_split_forward_of_the_compiled_network_keeps_batch_norm_per_chunk():
 
 
 @pytest.mark.slow
+def test_the_teachers_split_forward_compiled_whole_equals_one_call_per_chunk():
+    """The teacher (no backward) runs its split forward as one compiled graph: the same
+    probabilities as one eager call per chunk, and the same running statistics after both
+    chunks' batch-norm updates (train mode, as BCP's teacher)."""
+    from buarl.train import SplitForward
+
+    torch.manual_seed(0)
+    teacher = build("acdc", 4)
+    for module in teacher.modules():  # dropout off (its masks are random), batch norm on batch statistics
+        module.train(not isinstance(module, torch.nn.modules.dropout._DropoutNd))
+    twin = copy.deepcopy(teacher)
+    x = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    x[4:] = 3 * x[4:] + 1
+    with torch.no_grad():
+        eager = torch.cat([teacher(part) for part in x.chunk(4)])
+        got = compiled(SplitForward(twin), "default")(x, 4)
+    assert torch.allclose(got, eager, atol=1e-5, rtol=1e-4)
+    for (name, a), b in zip(teacher.named_buffers(), twin.buffers()):
+        assert torch.allclose(b.float(), a.float(), atol=1e-6, rtol=1e-5), name
+
+
+def test_a_loss_of_parts_is_the_sum_of_the_parts_losses():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 8, 8, generator=g)
+    target = torch.randint(0, 3, (4, 8, 8), generator=g)
+    weight = torch.rand(4, 8, 8, generator=g)
+    source = (torch.rand(4, 8, 8, generator=g) > 0.5).float()
+    halves = region_loss(logits[:2], target[:2], weight[:2], source[:2]) + \
+        region_loss(logits[2:], target[2:], weight[2:], source[2:])
+    assert torch.equal(region_loss(logits, target, weight, source, parts=2), halves)
+    assert not torch.allclose(region_loss(logits, target, weight, source), halves)
+
+
+@pytest.mark.slow
 def test_the_compiled_copy_paste_batch_equals_the_eager_one(acdc_phantom):
     """`Loop.bcp_batch` compiled (mixing, entropy, URL/CRL weights and their stats in one
     graph) gives exactly the eager tensors, and a schedule that changes per step (tau_u
@@ -304,7 +354,7 @@ def test_compiled_training_follows_the_eager_loop(acdc_phantom):
     assert comp[0] == pytest.approx(eager[0], rel=1e-3, abs=1e-6)
     assert set(comp[1]) == set(eager[1]) and not any("_orig_mod" in k for k in comp[1])
     # the compiled path was the one taken, and it runs the teacher the EMA updates
-    assert comp[2].teacher_net.core._orig_mod is comp[2].teacher and comp[2].student.core._orig_mod is comp[2].core
+    assert comp[2].teacher_net._orig_mod.core is comp[2].teacher and comp[2].student.core._orig_mod is comp[2].core
     assert eager[2].teacher_net.core is eager[2].teacher
     assert not eager[2].compile_rest and eager[2].region_loss is region_loss
     assert comp[2].compile_rest and comp[2].region_loss is not region_loss

@@ -12,6 +12,7 @@ from buarl.data.augment import augment_batch_2d
 from buarl.data.checks import inside, read_case, read_list, require_root
 from buarl.data.types import Case
 from buarl.errors import DataError
+from buarl.runtime import upload
 
 
 def patient_of(slice_name: str) -> str:
@@ -84,5 +85,5 @@ class AcdcData:
         return self
 
     def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.tensor(idx, device=self.images.device)
+        ix = upload(idx, self.images.device)
         return augment_batch_2d(self.images[ix], self.labels[ix].long(), gen)

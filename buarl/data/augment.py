@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from buarl.runtime import upload
+
 
 def _u(gen: torch.Generator) -> float:
     return float(torch.rand((), generator=gen))
@@ -67,7 +69,7 @@ def _rot90_flip_theta(k: int, axis: int) -> torch.Tensor:
 def _sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
     """Images and labels through one affine_grid + grid_sample (nearest) per sample's theta."""
     stacked = torch.cat([images, labels[:, None].to(images.dtype)], 1)
-    grid = F.affine_grid(theta.to(images.device), list(stacked.shape), align_corners=False)
+    grid = F.affine_grid(upload(theta, images.device), list(stacked.shape), align_corners=False)
     out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out[:, :1], out[:, 1].round().to(labels.dtype)
 
@@ -96,12 +98,12 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
         if kind == "rot90":
             groups.setdefault((k, axis), []).append(i)
     for (k, axis), members in groups.items():
-        ix = torch.tensor(members, device=images.device)
+        ix = upload(members, images.device)
         images[ix] = torch.flip(torch.rot90(images[ix], k, (2, 3)), (axis + 2,))
         labels[ix] = torch.flip(torch.rot90(labels[ix], k, (1, 2)), (axis + 1,))
     rotated = [i for i, d in enumerate(draws) if d[0] == "rotate"]
     if rotated:
-        ix = torch.tensor(rotated, device=images.device)
+        ix = upload(rotated, images.device)
         images[ix], labels[ix] = _sample(images[ix], labels[ix], torch.stack([_theta(draws[i][3]) for i in rotated]))
     return images, labels
 

@@ -37,8 +37,14 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                source: torch.Tensor, smooth: float = SMOOTH, form: str = "squared") -> torch.Tensor:
-    """logits (B, C, ...), target (B, ...) long, weight and source (B, ...) float."""
+                source: torch.Tensor, smooth: float = SMOOTH, form: str = "squared",
+                parts: int = 1) -> torch.Tensor:
+    """logits (B, C, ...), target (B, ...) long, weight and source (B, ...) float. `parts`:
+    the batch is that many batches side by side, each its own loss, summed (BCP's two mixed
+    batches, each its own mix loss; one call, so one compiled graph for both)."""
+    if parts > 1:
+        chunks = zip(*(v.chunk(parts) for v in (logits, target, weight, source)))
+        return sum(region_loss(l, t, w, s, smooth, form) for l, t, w, s in chunks)
     logits = logits.float()
     probs = torch.softmax(logits, 1)
     ce = F.cross_entropy(logits, target, reduction="none")

@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch
 
 
-def box_mask(shape: tuple[int, ...], ratio: float, gen: torch.Generator) -> torch.Tensor:
+def box_mask(shape: tuple[int, ...], ratio: float, gen: torch.Generator,
+             device: torch.device | str = "cpu") -> torch.Tensor:
     """1 everywhere except a zero box of `ratio` of each side at a random place (BCP).
 
     shape is the spatial shape (H, W) or (X, Y, Z); the 3-D box spans ratio of each axis.
+    The place is drawn from `gen` (a CPU generator); the mask is made on `device`.
     """
-    mask = torch.ones(shape)
+    mask = torch.ones(shape, device=device)
     sl = []
     for s in shape:
         size = int(s * ratio)

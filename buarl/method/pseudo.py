@@ -40,8 +40,8 @@ def largest_components(masks: np.ndarray, connectivity: str = "full") -> np.ndar
     return (ids == keep.reshape((-1,) + (1,) * (ids.ndim - 1))) & (ids > 0)
 
 
-# A test for the fixed point is a host sync on a GPU, after which the card idles until the
-# host launches the next sweeps; idle sweeps cost far less there (BENCHMARKS.md, G1).
+# Sweeps per call between two tests for the fixed point: each call costs the host a compiled
+# graph's call and a test, while idle sweeps cost a GPU little (BENCHMARKS.md, G1).
 SWEEPS_PER_CHECK = 8
 
 
@@ -87,38 +87,66 @@ def _compiled_sweeps():
     return torch.compile(_sweeps, dynamic=False, fullgraph=True)
 
 
+def _fixed_point(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, connectivity: str,
+                 sweeps) -> torch.Tensor:
+    """Sweeps until one changes nothing, testing after each call of `sweeps` (its last two
+    sweeps). A sweep that changes nothing reached the fixed point, and further sweeps keep
+    it. On a GPU a test is a host sync, after which the card would idle until the host had
+    launched the next sweeps. So the test's answer goes to the host behind an event, the
+    next call is queued, and only then does the host wait: for the answer, not for the
+    queued sweeps, and the card always has work. The price: one call of idle sweeps."""
+    answered = torch.cuda.Event() if ids.is_cuda else None
+    before, ids = sweeps(ids, inside, fg, connectivity)
+    while True:
+        same = (before == ids).all().to("cpu", non_blocking=True)
+        if answered is not None:
+            answered.record()
+        queued = sweeps(ids, inside, fg, connectivity)
+        if answered is not None:
+            answered.synchronize()
+        if same:
+            return ids
+        before, ids = queued
+
+
+def _keep_largest(ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """From the fixed point's ids (each voxel its component's smallest raster index) to the
+    largest component per mask, ties to the first in raster order. The sizes are counted with
+    scatter_add, which needs no host sync; bincount over a boolean index needs two (the
+    index's length and bincount's are both read on the host)."""
+    n, size = masks.shape[0], masks.numel()
+    flat_masks = masks.reshape(n, -1)
+    # background voxels (id inf, whose conversion is undefined) go to an extra bin, `size`
+    flat_ids = torch.where(flat_masks, ids.reshape(n, -1).long(), size)
+    counts = torch.zeros(size + 1, dtype=torch.long, device=masks.device)
+    counts.scatter_add_(0, flat_ids.flatten(), torch.ones_like(flat_ids.flatten()))
+    voxel_size = torch.where(flat_masks, counts[flat_ids], 0)
+    biggest = voxel_size.amax(1, keepdim=True)
+    candidates = torch.where((voxel_size == biggest) & (biggest > 0), flat_ids, size)
+    keep = candidates.amin(1, keepdim=True)
+    return ((flat_ids == keep) & flat_masks).reshape(masks.shape)
+
+
+@functools.cache
+def _compiled_keep_largest():
+    return torch.compile(_keep_largest, dynamic=False, fullgraph=True)
+
+
 def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
     """`largest_components` on the masks' own device (a GPU keeps the pseudo-labels there):
     every voxel starts with its raster index as id; ids spread as the minimum over
-    neighbours inside the mask and jump along their ids (`_sweep`) until nothing changes.
-    The fixed point is unique (each voxel holds its component's smallest raster index,
-    however the sweeps are grouped or compiled), so ties go to the first component in
-    raster order, as in the scipy path. masks (N, *spatial) bool; `compiled`: the sweeps
-    through torch.compile (`_compiled_sweeps`)."""
-    n = masks.shape[0]
+    neighbours inside the mask and jump along their ids (`_sweep`) until nothing changes
+    (`_fixed_point`). The fixed point is unique (each voxel holds its component's smallest
+    raster index, however the sweeps are grouped or compiled), so ties go to the first
+    component in raster order, as in the scipy path. masks (N, *spatial) bool; `compiled`:
+    the sweeps and the counting through torch.compile."""
     # float ids (pooling needs floats): exact up to 2**24 in float32, beyond in float64
     dtype = torch.float32 if masks.numel() < 2 ** 24 else torch.float64
     index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
     ids = torch.where(masks, index, float("inf"))[:, None]
-    inside, fg = masks[:, None], masks.flatten()
-    sweeps = _compiled_sweeps() if compiled else _sweeps
-    while True:
-        # A sweep that changes nothing reached the fixed point, and further sweeps keep it:
-        # testing only every SWEEPS_PER_CHECK-th sweep costs at most that many - 1 idle sweeps
-        # and saves the host syncs in between on a GPU (an ACDC pseudo-label batch took ~35
-        # sweeps: ~5 tests instead of ~9 with 4 sweeps per test)
-        before, ids = sweeps(ids, inside, fg, connectivity)
-        if torch.equal(before, ids):
-            break
-    ids = ids[:, 0].long()
-    ids = torch.where(masks, ids, -1)
-    counts = torch.bincount(ids[masks], minlength=masks.numel())
-    voxel_size = torch.where(masks, counts[ids.clamp(min=0)], 0).reshape(n, -1)
-    biggest = voxel_size.amax(1, keepdim=True)
-    flat_ids = ids.reshape(n, -1)
-    candidates = torch.where((voxel_size == biggest) & (biggest > 0), flat_ids, masks.numel())
-    keep = candidates.amin(1, keepdim=True)
-    return ((flat_ids == keep) & masks.reshape(n, -1)).reshape(masks.shape)
+    ids = _fixed_point(ids, masks[:, None], masks.flatten(), connectivity,
+                       _compiled_sweeps() if compiled else _sweeps)
+    return (_compiled_keep_largest() if compiled else _keep_largest)(ids[:, 0], masks)
 
 
 def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
