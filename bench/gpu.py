@@ -232,9 +232,9 @@ def main() -> None:
     report: dict = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "device": device,
                     "iters_per_run": iters, "packed": a.packed, "smoke": a.smoke, "tag": a.tag,
                     "buarl_measured": os.environ.get("BENCH_BUARL", "this checkout")}
-    commit_file = Path(os.environ.get("BENCH_BUARL", ROOT)) / "COMMIT"
-    if commit_file.exists():  # (a baseline folder names its commit there)
-        report["buarl_commit"] = commit_file.read_text().strip()
+    baseline = os.environ.get("BENCH_BUARL")
+    if baseline and (Path(baseline) / "COMMIT").exists():  # (a baseline folder names its commit there)
+        report["buarl_commit"] = (Path(baseline) / "COMMIT").read_text().strip()
     acdc_l = labeled_for("acdc", a.smoke, a.la_labeled)
     path = None
 

@@ -14,7 +14,8 @@
 #   .gpu_data/la.u8.xz                      bench/pack_la.py's small LA subset (8-bit, cropped; speed only)
 #   .whl/                                   pydantic and its pure-Python needs
 #   .baseline/ (stage baseline only)        an earlier commit's buarl/ and its COMMIT
-# Writes to OUT_DIR: gpu_<card>.json (bench/gpu.py), bench.log, session.log, where the card has
+# Writes to OUT_DIR: gpu_<card>[_$BENCH_TAG].json (bench/gpu.py), bench.log, session.log, with the
+# baseline stage gpu_<card>_baseline.json + bench_baseline.log, where the card has
 # MPS and time is left gpu_<card>_mps.json + bench_mps.log, and with PARITY=1
 # parity_runs.tgz (the four `buarl train` folders, checkpoints left out). Stages get deadlines inside
 # BUDGET_S (default 570 s) so the files are written even when a stage runs long.

@@ -132,7 +132,7 @@ class Loop:
         self.bcp_batch = compiled(self.bcp_batch_eager, rest_mode)
         # fused: one kernel for the whole SGD update on a GPU (the CPU keeps the default path)
         self.optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, fused=self.device.type == "cuda" or None)
+                                         weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(enabled=precision_of(cfg, self.device) == "amp")
         unlabeled_bs = 0 if cfg.base == "supervised" else cfg.batch_size - cfg.labeled_bs
         self.sampler = TwoStreamSampler(self.data.labeled_idx, self.data.unlabeled_idx,

@@ -151,20 +151,6 @@ def test_device_pseudo_label_clean_up_equals_scipy():
     assert (keep_largest_scipy(labels, 4, "full") != labels).any()  # the clean-up removed something
 
 
-def test_upload_and_the_box_mask_give_the_host_values_on_the_device():
-    """The per-step host values (indices, augmentation matrices, the schedule) reach the
-    device through `upload`; the copy-paste box is made where it is used. (On a GPU both
-    avoid a host sync; here only the values can be checked.)"""
-    from buarl.method.mixing import box_mask
-    from buarl.runtime import upload
-
-    assert torch.equal(upload([3, 1, 2], torch.device("cpu")), torch.tensor([3, 1, 2]))
-    theta = torch.rand(2, 2, 3)
-    assert torch.equal(upload(theta, torch.device("cpu")), theta)
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(box_mask((12, 9), 2 / 3, g1), box_mask((12, 9), 2 / 3, g2, torch.device("cpu")))
-
-
 def test_foreach_ema_equals_the_per_tensor_formula():
     torch.manual_seed(0)
     student, teacher = build("acdc", 4), build("acdc", 4)
@@ -220,6 +206,18 @@ def test_a_cpu_run_with_the_default_config_stays_eager(acdc_phantom):
     assert loop.bcp_batch == loop.bcp_batch_eager and loop.region_loss is region_loss
 
 
+def _unet_and_twin(batch: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """A UNet with dropout off (its masks are random) and batch norm on batch statistics, an
+    exact copy, and a batch whose halves differ in statistics, so that splitting it matters."""
+    torch.manual_seed(0)
+    net = build("acdc", 4)
+    for module in net.modules():
+        module.train(not isinstance(module, torch.nn.modules.dropout._DropoutNd))
+    x = torch.rand(batch, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    x[batch // 2:] = 3 * x[batch // 2:] + 1
+    return net, copy.deepcopy(net), x
+
+
 @pytest.mark.slow
 def test_a_split_forward_of_the_compiled_network_keeps_batch_norm_per_chunk():
     """The loop compiles the network and calls it once per chunk: each chunk normalised by
@@ -228,13 +226,7 @@ def test_a_split_forward_of_the_compiled_network_keeps_batch_norm_per_chunk():
     gradient 6 % off on this CPU with torch 2.13, which is why the loop doesn't.)"""
     from buarl.train import SplitForward
 
-    torch.manual_seed(0)
-    core = build("acdc", 4)
-    for module in core.modules():  # dropout off (its masks are random), batch norm on batch statistics
-        module.train(not isinstance(module, torch.nn.modules.dropout._DropoutNd))
-    twin = copy.deepcopy(core)
-    x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(1))
-    x[2:] = 3 * x[2:] + 1  # the chunks' statistics differ, so the split matters
+    core, twin, x = _unet_and_twin(4)
     eager = SplitForward(core)(x, 2)
     eager.square().mean().backward()
     got = SplitForward(compiled(twin, "default"))(x, 2)
@@ -253,13 +245,7 @@ def test_the_teachers_split_forward_compiled_whole_equals_one_call_per_chunk():
     chunks' batch-norm updates (train mode, as BCP's teacher)."""
     from buarl.train import SplitForward
 
-    torch.manual_seed(0)
-    teacher = build("acdc", 4)
-    for module in teacher.modules():  # dropout off (its masks are random), batch norm on batch statistics
-        module.train(not isinstance(module, torch.nn.modules.dropout._DropoutNd))
-    twin = copy.deepcopy(teacher)
-    x = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(1))
-    x[4:] = 3 * x[4:] + 1
+    teacher, twin, x = _unet_and_twin(8)
     with torch.no_grad():
         eager = torch.cat([teacher(part) for part in x.chunk(4)])
         got = compiled(SplitForward(twin), "default")(x, 4)

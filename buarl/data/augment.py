@@ -87,7 +87,9 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
         pairs = [augment_2d(i, l, gen) for i, l in zip(images, labels)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     draws = [draw_2d(gen) for _ in range(len(images))]
-    if one_pass if one_pass is not None else images.device.type != "cpu":
+    if one_pass is None:
+        one_pass = images.device.type != "cpu"
+    if one_pass:
         theta = torch.stack([_rot90_flip_theta(k, axis) if kind == "rot90" else _theta(degrees)
                              for kind, k, axis, degrees in draws])  # "none": 0 degrees, the identity
         images, labels = _sample(images, labels, theta)

@@ -79,12 +79,12 @@ def _sweeps(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor,
 
 
 @functools.cache
-def _compiled_sweeps():
-    """`_sweeps` compiled into one graph (inductor, no CUDA graphs: its inputs are each the
-    previous call's outputs). On a GPU the eager sweeps are several small kernels each, ~35
-    sweeps per pseudo-label batch, each launched by the host; compiled, a few kernels per
-    SWEEPS_PER_CHECK sweeps (BENCHMARKS.md, G1). Shapes are fixed per run."""
-    return torch.compile(_sweeps, dynamic=False, fullgraph=True)
+def _compiled(fn):
+    """`fn` (the sweeps, the counting) compiled into one graph: inductor, no CUDA graphs (the
+    sweeps' inputs are each the previous call's outputs). Eager, each sweep is several small
+    kernels the host launches, ~35 sweeps per pseudo-label batch; compiled, a few kernels per
+    call (BENCHMARKS.md, G1). Shapes are fixed per run."""
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def _fixed_point(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, connectivity: str,
@@ -127,11 +127,6 @@ def _keep_largest(ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return ((flat_ids == keep) & flat_masks).reshape(masks.shape)
 
 
-@functools.cache
-def _compiled_keep_largest():
-    return torch.compile(_keep_largest, dynamic=False, fullgraph=True)
-
-
 def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
     """`largest_components` on the masks' own device (a GPU keeps the pseudo-labels there):
     every voxel starts with its raster index as id; ids spread as the minimum over
@@ -144,9 +139,9 @@ def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", co
     dtype = torch.float32 if masks.numel() < 2 ** 24 else torch.float64
     index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
     ids = torch.where(masks, index, float("inf"))[:, None]
-    ids = _fixed_point(ids, masks[:, None], masks.flatten(), connectivity,
-                       _compiled_sweeps() if compiled else _sweeps)
-    return (_compiled_keep_largest() if compiled else _keep_largest)(ids[:, 0], masks)
+    sweeps, keep_largest = (_compiled(_sweeps), _compiled(_keep_largest)) if compiled else (_sweeps, _keep_largest)
+    ids = _fixed_point(ids, masks[:, None], masks.flatten(), connectivity, sweeps)
+    return keep_largest(ids[:, 0], masks)
 
 
 def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
