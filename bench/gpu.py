@@ -33,10 +33,12 @@ PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, 
 
 
 def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool, labeled: int,
-           test_cases: int, compile_mode: str = "none", eager_glue: bool = False) -> dict:
+           test_cases: int, compile_mode: str = "none", eager_glue: bool = False,
+           split_calls: str = "per_chunk") -> dict:
     """One measured run of the loop; prints and returns its speeds. `eager_glue`: a compiled
     run's tensor code around the network (the copy-paste batch, the loss, the pseudo-label
-    clean-up) left eager, only the network compiled (the A/B)."""
+    clean-up) left eager, only the network compiled (the A/B). `split_calls`: the config's,
+    set only when not the default (a baseline's code may predate it)."""
     import logging
 
     import torch
@@ -61,7 +63,8 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     cfg = load_config(config, {"data_root": data_root, "base": "bcp", "url": True, "crl": True, "pretrain_iters": 0,
                                "iters": iters, "eval_every": 10 ** 9, "log_every": log_every, "device": device,
                                "labeled": labeled, "test_cases": test_cases, "val_cases": 1,
-                               "threads": threads_per_worker(), "compile": compile_mode})
+                               "threads": threads_per_worker(), "compile": compile_mode,
+                               **({"split_calls": split_calls} if split_calls != "per_chunk" else {})})
 
     class Clock(Reporter):
         def __init__(self):
@@ -89,6 +92,7 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     ended = time.perf_counter()
     (s0, t0, w0), (s1, t1, w1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
     out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode, "eager_glue": eager_glue,
+           "split_calls": split_calls,
            "it_per_s": (s1 - s0) / (t1 - t0), "window": [w0, w1], "first_log_s": round(clock.marks[0][1] - began, 1),
            "loss_last": round(clock.last.get("loss", float("nan")), 4),
            "evaluation_s": ended - t1, "evaluation_split_s": metrics.get("seconds"),
@@ -146,13 +150,15 @@ class Utilisation:
         return round(sum(values) / len(values), 1) if values else None
 
 
-def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, labeled: int,
-          test_cases: int, compile_mode: str = "none", eager_glue: bool = False) -> tuple[list[dict], float | None]:
+def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, labeled: int, test_cases: int,
+          compile_mode: str = "none", eager_glue: bool = False,
+          split_calls: str = "per_chunk") -> tuple[list[dict], float | None]:
     """n workers at once; test_cases=0 evaluates the whole test set (G5), else that many."""
     cmd = [sys.executable, __file__, "--worker", kind, "--iters", str(iters), "--device", device,
            "--labeled", str(labeled), "--test-cases", str(test_cases), "--compile", compile_mode]
     cmd += ["--smoke"] if smoke else []
     cmd += ["--eager-glue"] if eager_glue else []
+    cmd += ["--split-calls", split_calls] if split_calls != "per_chunk" else []
     cmd += ["--root", data_root] if data_root else []
     env = {**os.environ, "BENCH_WORKERS": str(n)}
     print(f"bench/gpu.py: {kind}, {n} worker(s) at once, {iters} iterations each, compile={compile_mode} ...",
@@ -207,22 +213,26 @@ def main() -> None:
                         "(none, default, reduce-overhead, max-autotune; default: reduce-overhead,default on a GPU, "
                         "none with --smoke)")
     p.add_argument("--phases", default="compiled,g2,g3",
-                   help="what to measure beside eager G1 + G5 (always: every ratio is to it): "
-                        "comma-separated compiled, glue (compiled once more with only the network compiled), g2, g3")
+                   help="what to measure beside eager G1 + G5 (always: every ratio is to it): comma-separated "
+                        "compiled, glue (compiled once more with only the network compiled), calls (compiled once "
+                        "more with one network call for both chunks: split_calls=one), g2, g3")
     p.add_argument("--tag", default="", help="names the run in its results file (gpu_<card>_<tag>.json), e.g. mps")
     p.add_argument("--worker", choices=["acdc", "la"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--labeled", type=int, help=argparse.SUPPRESS)
     p.add_argument("--test-cases", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--eager-glue", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--split-calls", default="per_chunk", help=argparse.SUPPRESS)
     a = p.parse_args()
     device = a.device or ("cpu" if a.smoke else "cuda")
     if a.worker:
-        worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases, a.compile or "none", a.eager_glue)
+        worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases, a.compile or "none", a.eager_glue,
+               a.split_calls)
         return
     phases = set(a.phases.split(",")) - {""}
-    if phases - {"compiled", "glue", "g2", "g3"}:
-        raise SystemExit(f"bench/gpu.py: --phases {a.phases!r}: expected a comma-separated list of compiled, glue, g2, g3")
+    if phases - {"compiled", "glue", "calls", "g2", "g3"}:
+        raise SystemExit(f"bench/gpu.py: --phases {a.phases!r}: expected a comma-separated list of "
+                         "compiled, glue, calls, g2, g3")
     known = ("none", "default", "reduce-overhead", "max-autotune")
     if any(m not in known for m in (a.compile or "none").split(",")):
         raise SystemExit(f"bench/gpu.py: --compile {a.compile!r}: expected a comma-separated list of {', '.join(known)}")
@@ -249,11 +259,12 @@ def main() -> None:
             path.write_text(json.dumps(report, indent=2) + "\n")
 
     def measure(name: str, kind: str, root, n: int, labeled: int, test_cases: int = 1, mode: str = "none",
-                eager_glue: bool = False):
+                eager_glue: bool = False, split_calls: str = "per_chunk"):
         """One phase, its cost kept in report["phases"]. A compiled phase that fails is a
         result (its error in report["compile_failures"], None back), not the end of the bench."""
         try:
-            results, util = phase(kind, root, iters, n, device, a.smoke, labeled, test_cases, mode, eager_glue)
+            results, util = phase(kind, root, iters, n, device, a.smoke, labeled, test_cases, mode, eager_glue,
+                                  split_calls)
         except SystemExit as e:
             if mode == "none":
                 raise
@@ -310,6 +321,16 @@ def main() -> None:
                 glue_eager_it_per_s=round(glue[0]["it_per_s"], 2), glue_eager_gpu_util_pct=util_glue,
                 over_glue_eager=round(comp_speed / glue[0]["it_per_s"], 2))
             save("solo compiled, glue eager")
+    if compiled_mode and "calls" in phases:
+        one, util_one = measure(f"G1 {compiled_mode}, one network call for both chunks", "acdc", a.acdc, 1, acdc_l,
+                                mode=compiled_mode, split_calls="one")
+        if one:
+            report["G1_acdc_solo_compiled"].update(
+                one_call_it_per_s=round(one[0]["it_per_s"], 2), one_call_gpu_util_pct=util_one,
+                one_call_over_per_chunk=round(one[0]["it_per_s"] / comp_speed, 2),
+                one_call_loss_last=one[0].get("loss_last"),
+                **{f"one_call_{k}": one[0][k] for k in ("cudagraph_skips", "graph_breaks") if k in one[0]})
+            save("solo compiled, one call for both chunks")
 
     if "g2" in phases:
         packed, util_packed = measure("G2 eager", "acdc", a.acdc, a.packed, acdc_l)

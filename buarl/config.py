@@ -103,6 +103,11 @@ class Config(BaseModel):
     # auto: reduce-overhead on a bf16 GPU run of one worker, none on CPUs (slower to warm up
     # than a short run gains), under DDP and with fp16 AMP (not measured). Evaluation stays eager.
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
+    # How a split forward (`split_forward`) calls the network: a call `per_chunk`, or `one`
+    # call whose batch norms normalise each chunk apart (the same numbers: nets/chunk_norm.py;
+    # half the convolutions' launches). `one` is not yet timed on a GPU; on a CPU it is 1.08x
+    # slower eager and 1.65x compiled (bench/chunk_norm.py).
+    split_calls: Literal["per_chunk", "one"] = "per_chunk"
 
     @model_validator(mode="before")
     @classmethod

@@ -42,6 +42,7 @@ from buarl.method.teacher import decay_at, ema_update, make_teacher
 from buarl.method.uncertainty import entropy_map, mc_probs, perturb
 from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
 from buarl.nets import build
+from buarl.nets.chunk_norm import norms_of, per_chunk
 from buarl.runtime import (autocast, compile_mode_of, compiled, device_of, memory_format, precision_of,
                            seed_everything, step_begin, to_device, upload)
 
@@ -66,17 +67,24 @@ class Reporter:
 
 
 class SplitForward(nn.Module):
-    """Runs the network on each of `chunks` parts of the batch as its own call, so batch
-    norm normalises each part by its own statistics (BCP forwards its two mixed halves
-    separately). One module call per step keeps DDP's one-forward-one-backward contract."""
+    """Runs the network so that batch norm normalises each of `chunks` parts of the batch by
+    its own statistics (BCP forwards its two mixed halves separately). One module call per
+    step keeps DDP's one-forward-one-backward contract. `one_call=False`: one call of `core`
+    per part. `one_call=True`: one call for the whole batch, its norm layers normalising the
+    parts apart (nets/chunk_norm.py): the same numbers, half the convolutions' launches, and
+    no sum of two backwards' gradients."""
 
-    def __init__(self, core: nn.Module):
+    def __init__(self, core: nn.Module, one_call: bool = False):
         super().__init__()
-        self.core = core
+        self.core, self.one_call = core, one_call
+        self.norms = norms_of(core)
 
     def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
         if chunks == 1:
             return self.core(x)
+        if self.one_call:
+            with per_chunk(self.norms, chunks):
+                return self.core(x)
         return torch.cat([self.core(part) for part in x.chunk(chunks)])
 
 
@@ -114,13 +122,16 @@ class Loop:
         self.core = core  # the un-wrapped student: teacher, evaluation and checkpoints use it
         self.teacher = make_teacher(core)
         self.compile = compile_mode_of(cfg, self.device, self.world)
-        # The student's network is compiled, not the split around it: compiled whole (both
-        # chunks in one graph), torch 2.13's inductor got the first layers' gradients wrong by
-        # several percent. The teacher has no backward, and its split compiled whole computes
-        # eager's outputs and running statistics: one graph for all its chunks of a step
-        # (tests/test_fast_paths.py). The wrappers share the modules' weights and buffers.
-        self.teacher_net = compiled(SplitForward(self.teacher), self.compile)
-        self.student = wrap(SplitForward(compiled(core, self.compile)))
+        # The student's split stays outside compiled code: with a call per chunk, compiled whole
+        # (both calls in one graph), torch 2.13's inductor got the first layers' gradients wrong
+        # by several percent; with `split_calls=one`, the norms' chunk count is set around the
+        # compiled network's one call. The teacher has no backward, and its split compiled whole
+        # computes eager's outputs and running statistics: one graph for all its chunks of a
+        # step (tests/test_fast_paths.py). The wrappers share the modules' weights and buffers.
+        one_call = cfg.split_calls == "one"
+        self.teacher_net = (SplitForward(compiled(self.teacher, self.compile), one_call) if one_call
+                            else compiled(SplitForward(self.teacher), self.compile))
+        self.student = wrap(SplitForward(compiled(core, self.compile), one_call))
         # A compiled run also compiles the rest of the step's tensor code: the copy-paste batch
         # with its uncertainty and weight maps, the loss (softmax, CE and Dice per region, and
         # their backward) and the pseudo-labels' device clean-up. Eager, each of their many

@@ -18,7 +18,8 @@ def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
     gpu = _load_gpu()
     speeds = {"acdc": 50.0, "la": 8.0}
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
+                   split_calls="per_chunk"):
         assert compile_mode == "none"
         each = speeds[kind] * (0.9 if n > 1 else 1.0)
         return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
@@ -37,7 +38,8 @@ def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(mon
     gpu = _load_gpu()
     calls = []
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
+                   split_calls="per_chunk"):
         calls.append((kind, n, compile_mode))
         if compile_mode == "reduce-overhead" and fail:
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nskipping cudagraphs")
@@ -65,11 +67,34 @@ def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(mon
     assert ("acdc", 4, "reduce-overhead") not in calls
 
 
+def test_the_calls_phase_times_one_call_against_a_call_per_chunk(monkeypatch, capsys):
+    """`--phases compiled,calls`: the compiled G1 once more with `split_calls=one`, reported
+    beside the compiled G1 (a call per chunk) as their ratio."""
+    gpu = _load_gpu()
+    calls = []
+
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
+                   split_calls="per_chunk"):
+        calls.append((kind, n, compile_mode, split_calls))
+        each = {"none": 20.0, "reduce-overhead": 40.0}[compile_mode] * (1.25 if split_calls == "one" else 1.0)
+        return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100",
+                 "split_calls": split_calls, "loss_last": 1.0}] * n, 75.0
+    monkeypatch.setattr(gpu, "phase", fake_phase)
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--compile", "reduce-overhead", "--phases", "compiled,calls"])
+    gpu.main()
+    report = json.loads(capsys.readouterr().out)["G1_acdc_solo_compiled"]
+    assert calls == [("acdc", 1, "none", "per_chunk"), ("acdc", 1, "reduce-overhead", "per_chunk"),
+                     ("acdc", 1, "reduce-overhead", "one")]
+    assert report["it_per_s"] == 40.0 and report["one_call_it_per_s"] == 50.0
+    assert report["one_call_over_per_chunk"] == 1.25
+
+
 def test_a_failed_compile_mode_falls_back_to_the_next(monkeypatch, capsys):
     gpu = _load_gpu()
     calls = []
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
+                   split_calls="per_chunk"):
         calls.append((kind, n, compile_mode))
         if compile_mode == "reduce-overhead":
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nCUDA graphs")
@@ -114,7 +139,8 @@ def test_gpu_profile_reports_speed_and_where_the_time_goes(tmp_path, monkeypatch
 def test_a_later_compiled_phase_that_fails_is_recorded_and_the_bench_goes_on(monkeypatch, capsys):
     gpu = _load_gpu()
 
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False):
+    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
+                   split_calls="per_chunk"):
         if compile_mode != "none" and n > 1:
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nout of memory")
         return [{"it_per_s": 50.0, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
