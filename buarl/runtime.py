@@ -83,13 +83,13 @@ def compiled(model, mode: str):
 
 
 def upload(values, device: torch.device) -> torch.Tensor:
-    """A small host tensor (or list of numbers) on `device`, without a host sync. A plain
+    """A host tensor (or list of numbers) on `device`, without a host sync. A plain
     `.to("cuda")` of pageable host memory makes the host wait for every kernel already
     queued, which empties the card's queue once per call. From pinned memory the copy is
     queued like a kernel, and PyTorch's caching host allocator keeps the pinned source
-    until the copy is done."""
+    until the copy is done. A tensor already off the host just moves (usually: stays)."""
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values)
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 

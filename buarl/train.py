@@ -336,7 +336,8 @@ class Loop:
                 unl_idx = []  # drawn (the sampler's stream goes on) but not used
             # One augmented batch, labeled images first: the draws of two batches in a row,
             # a single set of ops. Unlabeled images' labels are never read.
-            x, y = (v.to(self.device) for v in data.batch(lab_idx + unl_idx, self.gen))
+            # (LA's crops are made on the host: queued behind the running step, not waited for)
+            x, y = (upload(v, self.device) for v in data.batch(lab_idx + unl_idx, self.gen))
             n = len(lab_idx)
             x_l, y_l, x_u = x[:n], y[:n], x[n:]
             if stage == "pretrain":
