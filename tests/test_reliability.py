@@ -206,7 +206,10 @@ def test_lost_worker_resumes_from_checkpoint(tmp_path):
     losses = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert sorted(losses) == list(range(4, 125, 4)), losses  # a training curve at every log step, once
     resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from")]
-    assert 4 <= max(resumed) <= killed, (resumed, killed)  # restored from a checkpoint, not restarted
+    # restored from a checkpoint, not restarted, and before the end. (Not bounded by `killed`:
+    # that is the last step MLflow showed, and the worker may have checkpointed later ones
+    # before the kill landed; a CI run once resumed from 12 with 8 shown.)
+    assert 4 <= max(resumed) < fixed["pretrain_iters"] + fixed["iters"], (resumed, killed)
 
     # the same trial, never killed, run bare in this process
     from buarl.checkpoint import read
