@@ -7,8 +7,8 @@ per chunk:
   difference relative to the largest value; the UNet on 2 x 2 images of 64², the VNet on
   2 x 2 volumes of 32³; dropout off (its masks are random draws);
 - CPU time of a bf16 forward and backward at the `acdc_cpu` shape (UNet, 128², batch 16,
-  2 chunks), both ways alternated, eager and compiled (inductor, default mode): what
-  `split_calls=auto` picks on a CPU. (On a GPU: `bench/gpu.py --phases compiled,calls`.)
+  2 chunks), both ways alternated, eager and compiled (inductor, default mode). (On a GPU:
+  `bench/gpu.py --phases compiled,calls`.)
 
 Writes bench/results/chunk_norm.json (or --out).
 

@@ -105,8 +105,8 @@ class Config(BaseModel):
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
     # How a split forward (`split_forward`) calls the network: a call `per_chunk`, or `one`
     # call whose batch norms normalise each chunk apart (the same numbers: nets/chunk_norm.py;
-    # half the convolutions' launches). `one` is not yet timed on a GPU; on a CPU it is 1.08x
-    # slower eager and 1.65x compiled (bench/chunk_norm.py).
+    # half the convolutions' launches). `one` is not yet timed on a GPU; on a CPU it is as
+    # fast, eager and compiled (bench/chunk_norm.py).
     split_calls: Literal["per_chunk", "one"] = "per_chunk"
 
     @model_validator(mode="before")

@@ -5,9 +5,12 @@ BCP forwards its two mixed batches as two calls of the network, so each is norma
 its own statistics and the running statistics take two momentum steps. Two calls are
 twice the kernels (or CUDA-graph launches) of the convolutions, and their backward sums
 every parameter's two gradients (BENCHMARKS.md, G1). With `chunks = k` (set by
-`per_chunk`) a norm layer runs batch norm on each part in turn and concatenates: the
-normalisation, gradients and running statistics of k calls, while every other layer of the
-network sees the whole batch at once.
+`per_chunk`) a norm layer normalises each part apart, with the running statistics of k
+calls in a row, while every other layer of the network sees the whole batch at once.
+Eager, it runs batch norm on each part in turn and concatenates (bit-equal to k calls).
+Compiled, it is written as reductions over a (k, n, C, ...) view (`per_chunk_batch_norm`):
+with the concatenation, inductor's CPU code made a compiled step 1.65x slower than calls
+per part; with these reductions it is as fast (bench/chunk_norm.py).
 """
 from __future__ import annotations
 
@@ -16,6 +19,30 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+
+def per_chunk_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """`bn` in train mode on each of `chunks` equal parts of `x` in turn, as tensor code:
+    per-part mean and (biased) variance over the batch and spatial dimensions, in float32
+    under autocast as batch norm's own kernels; the running statistics take one momentum
+    step per part (unbiased variance), as k calls give."""
+    if bn.momentum is None:
+        raise ValueError("per-chunk batch norm needs a momentum (a cumulative average is not supported)")
+    parts = x.unflatten(0, (chunks, -1)).float()  # (k, n, C, *spatial)
+    dims = (1,) + tuple(range(3, parts.dim()))
+    var, mean = torch.var_mean(parts, dim=dims, correction=0, keepdim=True)
+    y = (parts - mean) * torch.rsqrt(var + bn.eps)
+    channel = (1, 1, -1) + (1,) * (parts.dim() - 3)
+    if bn.weight is not None:
+        y = y * bn.weight.view(channel) + bn.bias.view(channel)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            count = parts.numel() // (chunks * parts.shape[2])
+            for part_mean, part_var in zip(mean.reshape(chunks, -1), var.reshape(chunks, -1)):
+                bn.running_mean.lerp_(part_mean, bn.momentum)
+                bn.running_var.lerp_(part_var * (count / (count - 1)), bn.momentum)
+            bn.num_batches_tracked.add_(chunks)
+    return y.flatten(0, 1).to(x.dtype)
 
 
 class _PerChunk:
@@ -29,6 +56,8 @@ class _PerChunk:
             return super().forward(x)
         if x.shape[0] % self.chunks:
             raise ValueError(f"a batch of {x.shape[0]} does not split into {self.chunks} equal chunks")
+        if torch.compiler.is_compiling():
+            return per_chunk_batch_norm(self, x, self.chunks)
         return torch.cat([super(_PerChunk, self).forward(part) for part in x.chunk(self.chunks)])
 
 
