@@ -61,18 +61,20 @@ def label_batches(root: str, config: str, n: int, batches: int, seed: int) -> li
     gen = torch.Generator().manual_seed(seed)
     pool = list(data.labeled_idx) + list(data.unlabeled_idx)  # the arrays hold every slice's label
     out = []
-    for b in range(batches):
+    for _ in range(batches):
         idx = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:n].tolist()]
         out.append(data.batch(idx, gen)[1])
     return out
 
 
-def blob_batches(shape: tuple, batches: int, seed: int) -> list[torch.Tensor]:
+def blob_batches(shape: tuple, batches: int, seed: int, sigma: float = 4) -> list[torch.Tensor]:
+    """Smooth random label maps (classes 0-3): blobs of several components per class, with
+    holes and long borders."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(batches):
         noise = rng.standard_normal(shape)
-        smooth = np.stack([ndimage.gaussian_filter(a, 4) for a in noise])
+        smooth = np.stack([ndimage.gaussian_filter(a, sigma) for a in noise])
         out.append(torch.from_numpy(np.digitize(smooth / smooth.std(), [0.3, 0.8, 1.3])))
     return out
 
@@ -113,7 +115,6 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "components.json"))
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {"sweeps_per_check": pseudo.SWEEPS_PER_CHECK, "torch": torch.__version__,
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "command": "python bench/components.py" + (f" --acdc {args.acdc}" if args.acdc else "")

@@ -34,11 +34,11 @@ PROTOCOL_ITERS = {"acdc": (10000, 30000), "la": (2000, 15000)}  # pre-training, 
 
 def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: bool, labeled: int,
            test_cases: int, compile_mode: str = "none", eager_glue: bool = False,
-           split_calls: str = "per_chunk") -> dict:
+           overrides: dict | None = None) -> dict:
     """One measured run of the loop; prints and returns its speeds. `eager_glue`: a compiled
     run's tensor code around the network (the copy-paste batch, the loss, the pseudo-label
-    clean-up) left eager, only the network compiled (the A/B). `split_calls`: the config's,
-    set only when not the default (a baseline's code may predate it)."""
+    clean-up) left eager, only the network compiled (the A/B). `overrides`: config keys set on
+    top of the bench's own (e.g. split_calls=one; a baseline's code may predate a key)."""
     import logging
 
     import torch
@@ -64,7 +64,7 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
                                "iters": iters, "eval_every": 10 ** 9, "log_every": log_every, "device": device,
                                "labeled": labeled, "test_cases": test_cases, "val_cases": 1,
                                "threads": threads_per_worker(), "compile": compile_mode,
-                               **({"split_calls": split_calls} if split_calls != "per_chunk" else {})})
+                               **(overrides or {})})
 
     class Clock(Reporter):
         def __init__(self):
@@ -92,7 +92,7 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     ended = time.perf_counter()
     (s0, t0, w0), (s1, t1, w1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
     out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode, "eager_glue": eager_glue,
-           "split_calls": split_calls,
+           "overrides": overrides or {},
            "it_per_s": (s1 - s0) / (t1 - t0), "window": [w0, w1], "first_log_s": round(clock.marks[0][1] - began, 1),
            "loss_last": round(clock.last.get("loss", float("nan")), 4),
            "evaluation_s": ended - t1, "evaluation_split_s": metrics.get("seconds"),
@@ -152,13 +152,13 @@ class Utilisation:
 
 def phase(kind: str, data_root, iters: int, n: int, device: str, smoke: bool, labeled: int, test_cases: int,
           compile_mode: str = "none", eager_glue: bool = False,
-          split_calls: str = "per_chunk") -> tuple[list[dict], float | None]:
+          overrides: dict | None = None) -> tuple[list[dict], float | None]:
     """n workers at once; test_cases=0 evaluates the whole test set (G5), else that many."""
     cmd = [sys.executable, __file__, "--worker", kind, "--iters", str(iters), "--device", device,
            "--labeled", str(labeled), "--test-cases", str(test_cases), "--compile", compile_mode]
     cmd += ["--smoke"] if smoke else []
     cmd += ["--eager-glue"] if eager_glue else []
-    cmd += ["--split-calls", split_calls] if split_calls != "per_chunk" else []
+    cmd += ["--overrides", json.dumps(overrides)] if overrides else []
     cmd += ["--root", data_root] if data_root else []
     env = {**os.environ, "BENCH_WORKERS": str(n)}
     print(f"bench/gpu.py: {kind}, {n} worker(s) at once, {iters} iterations each, compile={compile_mode} ...",
@@ -222,12 +222,12 @@ def main() -> None:
     p.add_argument("--labeled", type=int, help=argparse.SUPPRESS)
     p.add_argument("--test-cases", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--eager-glue", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--split-calls", default="per_chunk", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", type=json.loads, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     device = a.device or ("cpu" if a.smoke else "cuda")
     if a.worker:
         worker(a.worker, a.root, a.iters, device, a.smoke, a.labeled, a.test_cases, a.compile or "none", a.eager_glue,
-               a.split_calls)
+               a.overrides)
         return
     phases = set(a.phases.split(",")) - {""}
     if phases - {"compiled", "glue", "calls", "g2", "g3"}:
@@ -259,12 +259,12 @@ def main() -> None:
             path.write_text(json.dumps(report, indent=2) + "\n")
 
     def measure(name: str, kind: str, root, n: int, labeled: int, test_cases: int = 1, mode: str = "none",
-                eager_glue: bool = False, split_calls: str = "per_chunk"):
+                eager_glue: bool = False, overrides: dict | None = None):
         """One phase, its cost kept in report["phases"]. A compiled phase that fails is a
         result (its error in report["compile_failures"], None back), not the end of the bench."""
         try:
             results, util = phase(kind, root, iters, n, device, a.smoke, labeled, test_cases, mode, eager_glue,
-                                  split_calls)
+                                  overrides)
         except SystemExit as e:
             if mode == "none":
                 raise
@@ -323,7 +323,7 @@ def main() -> None:
             save("solo compiled, glue eager")
     if compiled_mode and "calls" in phases:
         one, util_one = measure(f"G1 {compiled_mode}, one network call for both chunks", "acdc", a.acdc, 1, acdc_l,
-                                mode=compiled_mode, split_calls="one")
+                                mode=compiled_mode, overrides={"split_calls": "one"})
         if one:
             report["G1_acdc_solo_compiled"].update(
                 one_call_it_per_s=round(one[0]["it_per_s"], 2), one_call_gpu_util_pct=util_one,

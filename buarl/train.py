@@ -77,7 +77,7 @@ class SplitForward(nn.Module):
     def __init__(self, core: nn.Module, one_call: bool = False):
         super().__init__()
         self.core, self.one_call = core, one_call
-        self.norms = norms_of(core)
+        self.norms = norms_of(core) if one_call else []
 
     def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
         if chunks == 1:
@@ -282,29 +282,35 @@ class Loop:
         plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
         m = box_mask(tuple(x_l.shape[2:]), cfg.paste_ratio, self.gen, x_l.device)
         schedule = self.schedule(t)
-        x, target, source, w, stats = self.bcp_batch(x_l, y_l, x_u, p_u, p_l, plab, m, schedule)
+        # With the student's U the weights wait for the student's logits.
+        student_u = cfg.uncertainty_source == "student"
+        x, target, source, w, stats = self.bcp_batch(x_l, y_l, x_u, p_u, p_l, plab, m,
+                                                     None if student_u else schedule)
         logits = self.forward(x, chunks)
-        if cfg.uncertainty_source == "student":
-            w, student_stats = self.weights(entropy_map(torch.softmax(logits.detach(), 1)), source, schedule)
-            stats.update(student_stats)
+        if student_u:
+            w, weight_stats = self.weights(entropy_map(torch.softmax(logits.detach(), 1)), source, schedule)
+            stats.update(weight_stats)
         # Two mixed batches, each its own mix loss as in BCP.
         return self.loss(logits, target, w, source, parts=2), stats
 
     def bcp_batch_eager(self, x_l, y_l, x_u, p_u, p_l, plab, m, schedule):
         """The student's copy-paste batch: images, targets (pseudo-labels outside the labeled
-        box), the source map and the weights from the mixed uncertainty (the labeled images'
-        zero without `p_l`), with their stats. Tensor code only: `self.bcp_batch` is this
-        function compiled into one graph in a compiled run."""
+        box), the source map and, given a `schedule`, the weights from the teacher's mixed
+        uncertainty (the labeled images' zero without `p_l`) with their stats (None without).
+        Tensor code only: `self.bcp_batch` is this function compiled into one graph in a
+        compiled run."""
         h = x_l.shape[0] // 2
-        u_u = entropy_map(p_u)
-        u_l = entropy_map(p_l) if p_l is not None else torch.zeros_like(u_u)
         # mix(a, b, m) keeps a outside the box and b inside it.
         x = torch.cat([mix(x_u[:h], x_l[:h], m), mix(x_l[h:], x_u[h:], m)])
         target = torch.cat([mix(plab[:h], y_l[:h], m), mix(y_l[h:], plab[h:], m)]).long()
-        u = torch.cat([mix(u_u[:h], u_l[:h], m), mix(u_l[h:], u_u[h:], m)])
-        ones = torch.ones_like(u[:h])
+        ones = torch.ones_like(plab[:h], dtype=torch.float)
         source = torch.cat([mix(0 * ones, ones, m), mix(ones, 0 * ones, m)])
-        w, stats = self.weights(u, source, schedule)
+        w, stats = None, {}
+        if schedule is not None:
+            u_u = entropy_map(p_u)
+            u_l = entropy_map(p_l) if p_l is not None else torch.zeros_like(u_u)
+            u = torch.cat([mix(u_u[:h], u_l[:h], m), mix(u_l[h:], u_u[h:], m)])
+            w, stats = self.weights(u, source, schedule)
         stats["pseudo_fg"] = (plab > 0).float().mean()
         return x, target, source, w, stats
 

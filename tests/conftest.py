@@ -19,6 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench scripts are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 needs_real_data = pytest.mark.skipif(not (SHARED / "ACDC").is_dir() or not (SHARED / "LA").is_dir(),
                                      reason=f"real data not found at {SHARED}")
 

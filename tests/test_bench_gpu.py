@@ -1,17 +1,13 @@
 """bench/gpu.py's report from its measured phases (the phases themselves run buarl's loop;
 `python bench/gpu.py --smoke` runs them for real on the CPU)."""
-import importlib.util
 import json
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_bench
 
 
 def _load_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
-    return gpu
+    return load_bench("gpu")
 
 
 def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
@@ -19,7 +15,7 @@ def test_report_has_every_target_with_its_figures(monkeypatch, capsys):
     speeds = {"acdc": 50.0, "la": 8.0}
 
     def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
-                   split_calls="per_chunk"):
+                   overrides=None):
         assert compile_mode == "none"
         each = speeds[kind] * (0.9 if n > 1 else 1.0)
         return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0
@@ -39,7 +35,7 @@ def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(mon
     calls = []
 
     def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
-                   split_calls="per_chunk"):
+                   overrides=None):
         calls.append((kind, n, compile_mode))
         if compile_mode == "reduce-overhead" and fail:
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nskipping cudagraphs")
@@ -74,17 +70,17 @@ def test_the_calls_phase_times_one_call_against_a_call_per_chunk(monkeypatch, ca
     calls = []
 
     def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
-                   split_calls="per_chunk"):
-        calls.append((kind, n, compile_mode, split_calls))
-        each = {"none": 20.0, "reduce-overhead": 40.0}[compile_mode] * (1.25 if split_calls == "one" else 1.0)
+                   overrides=None):
+        calls.append((kind, n, compile_mode, overrides))
+        each = {"none": 20.0, "reduce-overhead": 40.0}[compile_mode] * (1.25 if overrides else 1.0)
         return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100",
-                 "split_calls": split_calls, "loss_last": 1.0}] * n, 75.0
+                 "loss_last": 1.0}] * n, 75.0
     monkeypatch.setattr(gpu, "phase", fake_phase)
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--compile", "reduce-overhead", "--phases", "compiled,calls"])
     gpu.main()
     report = json.loads(capsys.readouterr().out)["G1_acdc_solo_compiled"]
-    assert calls == [("acdc", 1, "none", "per_chunk"), ("acdc", 1, "reduce-overhead", "per_chunk"),
-                     ("acdc", 1, "reduce-overhead", "one")]
+    assert calls == [("acdc", 1, "none", None), ("acdc", 1, "reduce-overhead", None),
+                     ("acdc", 1, "reduce-overhead", {"split_calls": "one"})]
     assert report["it_per_s"] == 40.0 and report["one_call_it_per_s"] == 50.0
     assert report["one_call_over_per_chunk"] == 1.25
 
@@ -94,7 +90,7 @@ def test_a_failed_compile_mode_falls_back_to_the_next(monkeypatch, capsys):
     calls = []
 
     def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
-                   split_calls="per_chunk"):
+                   overrides=None):
         calls.append((kind, n, compile_mode))
         if compile_mode == "reduce-overhead":
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nCUDA graphs")
@@ -121,9 +117,7 @@ def test_an_unknown_compile_mode_is_refused_before_any_phase(monkeypatch):
 def test_gpu_profile_reports_speed_and_where_the_time_goes(tmp_path, monkeypatch):
     """bench/gpu_profile.py on the CPU with the phantom: iterations only (no evaluation), a
     header with the speeds and the profiler's tables."""
-    spec = importlib.util.spec_from_file_location("bench_gpu_profile", ROOT / "bench" / "gpu_profile.py")
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = load_bench("gpu_profile")
     out = tmp_path / "profile.txt"
     monkeypatch.setattr(sys, "argv", ["gpu_profile.py", "--device", "cpu", "--iters", "2", "--warmup", "1",
                                       "--out", str(out)])
@@ -140,7 +134,7 @@ def test_a_later_compiled_phase_that_fails_is_recorded_and_the_bench_goes_on(mon
     gpu = _load_gpu()
 
     def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
-                   split_calls="per_chunk"):
+                   overrides=None):
         if compile_mode != "none" and n > 1:
             raise SystemExit("bench/gpu.py: a acdc worker failed (exit 1):\nout of memory")
         return [{"it_per_s": 50.0, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100"}] * n, 75.0

@@ -1,18 +1,13 @@
 """bench/ray_overhead.py's CPU accounting per process (the runs themselves: `--smoke`)."""
-import importlib.util
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_bench
 
 pytest.importorskip("psutil")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_ray_overhead", ROOT / "bench" / "ray_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("ray_overhead")
 
 
 def test_cpu_is_counted_under_the_full_title_a_process_last_had(monkeypatch):

@@ -79,15 +79,6 @@ def test_one_call_equals_one_call_per_chunk(norm, shape, fmt, chunks, way):
     assert not torch.allclose(got, plain, atol=1e-2)  # the chunks' statistics differ from the batch's
 
 
-def test_eval_mode_and_one_chunk_are_plain_batch_norm():
-    x = torch.randn(4, 2, 3, 3)
-    bn = BatchNorm2d(2)
-    bn.eval()
-    with per_chunk([bn], 2):
-        assert torch.equal(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False))
-    assert bn.num_batches_tracked.item() == 0
-
-
 def test_a_batch_that_does_not_split_evenly_is_refused():
     bn = BatchNorm2d(2)
     with per_chunk([bn], 2), pytest.raises(ValueError, match="5 does not split into 2"):

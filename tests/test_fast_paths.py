@@ -18,6 +18,7 @@ from buarl.method.pseudo import (keep_largest_scipy, keep_largest_torch, largest
 from buarl.method.teacher import ema_update
 from buarl.nets import build
 from buarl.runtime import compiled
+from tests.conftest import load_bench
 
 
 @pytest.mark.parametrize("one_pass", [False, True])
@@ -123,41 +124,15 @@ def test_device_components_test_for_the_fixed_point_every_few_sweeps(monkeypatch
         assert n_grouped == (math.ceil(s / k) + 1) * k, (k, n_each, n_grouped)
 
 
-def _blobs(shape: tuple, sigma: float, seed: int) -> np.ndarray:
-    """Smooth random label maps: blobs of several components per class, with holes and long
-    borders, like an early teacher's pseudo-labels."""
-    from scipy import ndimage
-    noise = np.random.default_rng(seed).standard_normal(shape)
-    smooth = np.stack([ndimage.gaussian_filter(a, sigma) for a in noise])
-    return np.digitize(smooth / smooth.std(), [0.3, 0.8, 1.3])
-
-
 @pytest.mark.parametrize("shape, sigma", [((6, 128, 128), 4), ((2, 48, 48, 32), 3)])
-def test_hooking_reaches_the_fixed_point_in_a_few_sweeps(monkeypatch, shape, sigma):
-    """Spreading ids one voxel per sweep needs about as many sweeps as a component's longest
-    path (measured here by turning the hook off: over 100 in 2-D, 26 in 3-D); hooking whole
-    trees onto smaller ids gets there in a handful (6 and 5), with the same components as
-    scipy."""
-    from buarl.method import pseudo
-    labels = _blobs(shape, sigma, seed=len(shape))
-    masks = np.concatenate([labels == c for c in (1, 2, 3)])
-    monkeypatch.setattr(pseudo, "SWEEPS_PER_CHECK", 1)
-    real = pseudo._min_neighbour
-
-    def sweeps_to_fixed_point(sweep) -> int:
-        count = []
-        monkeypatch.setattr(pseudo, "_min_neighbour", lambda ids, c: count.append(1) or real(ids, c))
-        monkeypatch.setattr(pseudo, "_sweep", sweep)
-        got = pseudo.largest_components_torch(torch.from_numpy(masks), "full").numpy()
-        assert np.array_equal(got, largest_components(masks, "full"))
-        return len(count) - 1  # less the sweep queued behind the test
-
-    def spread_only(ids, inside, fg, connectivity):
-        new = torch.where(inside, pseudo._min_neighbour(ids, connectivity), float("inf")).flatten()
-        return torch.where(fg, new[torch.where(fg, new, 0).long()], new).reshape(ids.shape)
-
-    hooked = sweeps_to_fixed_point(pseudo._sweep)
-    spread = sweeps_to_fixed_point(spread_only)
+def test_hooking_reaches_the_fixed_point_in_a_few_sweeps(shape, sigma):
+    """Spreading ids one voxel per sweep (`bench/components.py`'s reference sweep, the one
+    before hooking) needs about as many sweeps as a component's longest path; hooking whole
+    trees onto smaller ids gets there in a handful. Both reach scipy's components (the
+    bench's `measure` checks)."""
+    bench = load_bench("components")
+    summary = bench.measure("blobs", bench.blob_batches(shape, 1, seed=len(shape), sigma=sigma), 4, "full")
+    hooked, spread = summary["hooked"]["sweeps_max"], summary["spread"]["sweeps_max"]
     assert hooked <= 8 and spread >= 4 * hooked, (hooked, spread)
 
 
