@@ -103,11 +103,12 @@ class Config(BaseModel):
     # auto: reduce-overhead on a bf16 GPU run of one worker, none on CPUs (slower to warm up
     # than a short run gains), under DDP and with fp16 AMP (not measured). Evaluation stays eager.
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
-    # How a split forward (`split_forward`) calls the network: a call `per_chunk`, or `one`
-    # call whose batch norms normalise each chunk apart (the same numbers: nets/chunk_norm.py;
-    # half the convolutions' launches). `one` is not yet timed on a GPU; on a CPU it is as
-    # fast, eager and compiled (bench/chunk_norm.py).
-    split_calls: Literal["per_chunk", "one"] = "per_chunk"
+    # How a split forward (`split_forward`) calls the network: `one` call whose batch norms
+    # normalise each chunk apart, or a call `per_chunk` (the same numbers: nets/chunk_norm.py).
+    # `one`: a compiled run launches ~85 fewer kernels and calls 2 fewer graphs per iteration
+    # (bench/launches.py: no gradients of two backwards to sum); on a CPU as fast, eager and
+    # compiled (bench/chunk_norm.py). Not yet timed on a GPU (bench/gpu.py --phases calls).
+    split_calls: Literal["per_chunk", "one"] = "one"
 
     @model_validator(mode="before")
     @classmethod

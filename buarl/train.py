@@ -88,6 +88,18 @@ class SplitForward(nn.Module):
         return torch.cat([self.core(part) for part in x.chunk(chunks)])
 
 
+class Probabilities(nn.Module):
+    """The network's softmax, in float32: the teacher's output, so that a compiled teacher's
+    graph holds the softmax too (eager, two more kernels per step)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x).float(), 1)
+
+
 def _rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -129,14 +141,15 @@ class Loop:
         # computes eager's outputs and running statistics: one graph for all its chunks of a
         # step (tests/test_fast_paths.py). The wrappers share the modules' weights and buffers.
         one_call = cfg.split_calls == "one"
-        self.teacher_net = (SplitForward(compiled(self.teacher, self.compile), one_call) if one_call
-                            else compiled(SplitForward(self.teacher), self.compile))
+        probs = Probabilities(self.teacher)
+        self.teacher_net = (SplitForward(compiled(probs, self.compile), one_call) if one_call
+                            else compiled(SplitForward(probs), self.compile))
         self.student = wrap(SplitForward(compiled(core, self.compile), one_call))
         # A compiled run also compiles the rest of the step's tensor code: the copy-paste batch
         # with its uncertainty and weight maps, the loss (softmax, CE and Dice per region, and
-        # their backward) and the pseudo-labels' device clean-up. Eager, each of their many
-        # small ops is a kernel the host launches (BENCHMARKS.md, G1). Without CUDA graphs of
-        # their own: their inputs are outputs of this very step's graphs.
+        # their backward), the pseudo-labels' device clean-up and the device augmentation.
+        # Eager, each of their many small ops is a kernel the host launches (BENCHMARKS.md, G1).
+        # Without CUDA graphs of their own: their inputs are outputs of this step's graphs.
         self.compile_rest = self.compile != "none"
         rest_mode = "default" if self.compile_rest else "none"
         self.region_loss = compiled(region_loss, rest_mode)
@@ -188,7 +201,7 @@ class Loop:
                 parts = x.contiguous(memory_format=self.fmt).chunk(chunks)
                 return torch.cat([mc_probs(self.teacher, part, cfg.mc_passes, self.gen) for part in parts])
             self.teacher.train(cfg.teacher_mode == "train")
-            return torch.softmax(self.teacher_net(x.contiguous(memory_format=self.fmt), chunks).float(), 1)
+            return self.teacher_net(x.contiguous(memory_format=self.fmt), chunks)
 
     def schedule(self, t: int) -> torch.Tensor:
         """tau_u and the CRL ramp at step t, as one tensor on the run's device (compiled code
@@ -343,7 +356,7 @@ class Loop:
             # One augmented batch, labeled images first: the draws of two batches in a row,
             # a single set of ops. Unlabeled images' labels are never read.
             # (LA's crops are made on the host: queued behind the running step, not waited for)
-            x, y = (upload(v, self.device) for v in data.batch(lab_idx + unl_idx, self.gen))
+            x, y = (upload(v, self.device) for v in data.batch(lab_idx + unl_idx, self.gen, self.compile_rest))
             n = len(lab_idx)
             x_l, y_l, x_u = x[:n], y[:n], x[n:]
             if stage == "pretrain":
@@ -363,8 +376,11 @@ class Loop:
                 ema_update(self.teacher, self.core, decay_at(t_self, cfg.ema_decay) if cfg.ema_warmup else cfg.ema_decay)
             self.step = t + 1
 
-            for k, v in {"loss": loss.detach(), **stats}.items():
-                running[k] = running.get(k, 0) + v.detach()
+            values = {"loss": loss, **stats}
+            if running.keys() == values.keys():  # one multi-tensor kernel, not a kernel per value
+                torch._foreach_add_([running[k] for k in values], [v.detach() for v in values.values()])
+            else:  # a window's first step, or the stage changed what it reports
+                running = {**running, **{k: running.get(k, 0) + v.detach() for k, v in values.items()}}
             if self.step % cfg.log_every == 0 or self.step == self.total:
                 n = (self.step - 1) % cfg.log_every + 1
                 scalars = {k: float(v) / n for k, v in running.items()}  # one host sync per log

@@ -84,6 +84,8 @@ class AcdcData:
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         return self
 
-    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: list[int], gen: torch.Generator,
+              compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slices `idx`, augmented; `compiled`: the augmentation as a compiled graph."""
         ix = upload(idx, self.images.device)
-        return augment_batch_2d(self.images[ix], self.labels[ix].long(), gen)
+        return augment_batch_2d(self.images[ix], self.labels[ix].long(), gen, compiled=compiled)

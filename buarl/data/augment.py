@@ -6,6 +6,7 @@ rotation in [-20, 20) degrees (nearest neighbour, as the reference's order=0).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -66,23 +67,39 @@ def _rot90_flip_theta(k: int, axis: int) -> torch.Tensor:
     return torch.cat([torch.linalg.matrix_power(quarter, k) @ flip, torch.zeros(2, 1)], 1)
 
 
+def _thetas(draws: list[tuple[str, int, int, float]]) -> torch.Tensor:
+    """Each draw as the affine map `affine_grid` takes, stacked (B, 2, 3), on the host:
+    rot90 + flip exactly, a rotation by its angle, "none" the identity (0 degrees)."""
+    return torch.stack([_rot90_flip_theta(k, axis) if kind == "rot90" else _theta(degrees)
+                        for kind, k, axis, degrees in draws])
+
+
 def _sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
-    """Images and labels through one affine_grid + grid_sample (nearest) per sample's theta."""
+    """Images and labels through one affine_grid + grid_sample (nearest) per sample's theta
+    (on the images' device)."""
     stacked = torch.cat([images, labels[:, None].to(images.dtype)], 1)
-    grid = F.affine_grid(upload(theta, images.device), list(stacked.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
     out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out[:, :1], out[:, 1].round().to(labels.dtype)
+    return out[:, :1].contiguous(), out[:, 1].round().to(labels.dtype)
+
+
+@functools.cache
+def _compiled_sample():
+    """`_sample` as one graph: eager, the affine grid alone is about ten small kernels the
+    host launches. Inductor, no CUDA graphs; a batch's shape is fixed per run."""
+    return torch.compile(_sample, dynamic=False, fullgraph=True)
 
 
 def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
-                     one_pass: bool | None = None):
+                     one_pass: bool | None = None, compiled: bool = False):
     """images (B, 1, H, W), labels (B, H, W) with H == W, on any device: the draws of
     `augment_2d` sample by sample, applied batched. `one_pass` (the default off the CPU):
     one affine_grid + grid_sample over the whole batch, rot90 + flip being affine maps too
     and "none" the identity, so that a GPU step launches a handful of kernels whatever the
     draws. Else (the CPU's default, where sampling every pixel costs twice the copies): one
     rot90 + flip per (k, axis) group and one grid_sample for the rotated samples. Both equal
-    `augment_2d` per sample (tests/test_fast_paths.py)."""
+    `augment_2d` per sample (tests/test_fast_paths.py). `compiled` (a compiled run's): the
+    one pass as one compiled graph."""
     if images.shape[-1] != images.shape[-2]:
         pairs = [augment_2d(i, l, gen) for i, l in zip(images, labels)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -90,10 +107,8 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
     if one_pass is None:
         one_pass = images.device.type != "cpu"
     if one_pass:
-        theta = torch.stack([_rot90_flip_theta(k, axis) if kind == "rot90" else _theta(degrees)
-                             for kind, k, axis, degrees in draws])  # "none": 0 degrees, the identity
-        images, labels = _sample(images, labels, theta)
-        return images.contiguous(), labels
+        sample = _compiled_sample() if compiled else _sample
+        return sample(images, labels, upload(_thetas(draws), images.device))
     images, labels = images.clone(), labels.clone()
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (kind, k, axis, _) in enumerate(draws):
@@ -106,7 +121,8 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
     rotated = [i for i, d in enumerate(draws) if d[0] == "rotate"]
     if rotated:
         ix = upload(rotated, images.device)
-        images[ix], labels[ix] = _sample(images[ix], labels[ix], torch.stack([_theta(draws[i][3]) for i in rotated]))
+        theta = torch.stack([_theta(draws[i][3]) for i in rotated])
+        images[ix], labels[ix] = _sample(images[ix], labels[ix], upload(theta, images.device))
     return images, labels
 
 

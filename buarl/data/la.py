@@ -50,7 +50,9 @@ class LaData:
         by the loop (4 patches of 112 x 112 x 80 per step)."""
         return self
 
-    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: list[int], gen: torch.Generator,
+              compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scans `idx`, cropped and augmented on the host (`compiled`: nothing to compile)."""
         images, labels = [], []
         for i in idx:
             image, label = random_crop_3d(self.train[i].image, self.train[i].label, self.patch, gen)

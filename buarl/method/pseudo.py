@@ -84,34 +84,35 @@ def _sweep(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, connectivi
 
 def _sweeps(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor,
             connectivity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The work between two fixed-point tests: SWEEPS_PER_CHECK sweeps; returns the last
-    two results."""
+    """The work between two fixed-point tests: SWEEPS_PER_CHECK sweeps; returns the ids and
+    whether the last sweep changed nothing (a tensor: compiled, the test is in the graph)."""
     for _ in range(SWEEPS_PER_CHECK - 1):
         ids = _sweep(ids, inside, fg, connectivity)
-    return ids, _sweep(ids, inside, fg, connectivity)
+    last = _sweep(ids, inside, fg, connectivity)
+    return last, (last == ids).all()
 
 
 @functools.cache
 def _compiled(fn):
-    """`fn` (the sweeps, the counting) compiled into one graph: inductor, no CUDA graphs (the
-    sweeps' inputs are each the previous call's outputs). Eager, each sweep is several small
-    kernels the host launches; compiled, a few per sweep (the scatter of minima stays ATen's
-    kernel: inductor has no lowering for it). Shapes are fixed per run."""
+    """`fn` (a clean-up's start, its sweeps, its finish) compiled into one graph: inductor,
+    no CUDA graphs (the sweeps' inputs are each the previous call's outputs). Eager, each
+    sweep is several small kernels the host launches; compiled, a few per sweep (the scatter
+    of minima stays ATen's kernel: inductor has no lowering for it). Shapes are fixed per run."""
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
-def _fixed_point(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, connectivity: str,
-                 sweeps) -> torch.Tensor:
-    """Sweeps until one changes nothing, testing after each call of `sweeps` (its last two
-    sweeps). A sweep that changes nothing reached the fixed point, and further sweeps keep
+def _fixed_point(ids: torch.Tensor, masks: torch.Tensor, connectivity: str, sweeps) -> torch.Tensor:
+    """Sweeps until one changes nothing, testing after each call of `sweeps` (its last
+    sweep). A sweep that changes nothing reached the fixed point, and further sweeps keep
     it. On a GPU a test is a host sync, after which the card would idle until the host had
     launched the next sweeps. So the test's answer goes to the host behind an event, the
     next call is queued, and only then does the host wait: for the answer, not for the
     queued sweeps, and the card always has work. The price: one call of idle sweeps."""
     answered = torch.cuda.Event() if ids.is_cuda else None
-    before, ids = sweeps(ids, inside, fg, connectivity)
+    inside, fg = masks[:, None], masks.flatten()
+    ids, stable = sweeps(ids, inside, fg, connectivity)
     while True:
-        same = (before == ids).all().to("cpu", non_blocking=True)
+        same = stable.to("cpu", non_blocking=True)
         if answered is not None:
             answered.record()
         queued = sweeps(ids, inside, fg, connectivity)
@@ -119,7 +120,7 @@ def _fixed_point(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor, conn
             answered.synchronize()
         if same:
             return ids
-        before, ids = queued
+        ids, stable = queued
 
 
 def _keep_largest(ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -140,6 +141,14 @@ def _keep_largest(ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return ((flat_ids == keep) & flat_masks).reshape(masks.shape)
 
 
+def _initial_ids(masks: torch.Tensor) -> torch.Tensor:
+    """Each mask voxel's raster index, inf elsewhere; (N, 1, *spatial). Float ids, since
+    pooling needs floats: exact up to 2**24 in float32, beyond in float64."""
+    dtype = torch.float32 if masks.numel() < 2 ** 24 else torch.float64
+    index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
+    return torch.where(masks, index, float("inf"))[:, None]
+
+
 def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
     """`largest_components` on the masks' own device (a GPU keeps the pseudo-labels there):
     every voxel starts with its raster index as id; ids spread as the minimum over
@@ -148,14 +157,18 @@ def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", co
     (`_fixed_point`). The fixed point is unique (each voxel holds its component's smallest
     raster index, however the sweeps are grouped or compiled), so ties go to the first
     component in raster order, as in the scipy path. masks (N, *spatial) bool; `compiled`:
-    the sweeps and the counting through torch.compile."""
-    # float ids (pooling needs floats): exact up to 2**24 in float32, beyond in float64
-    dtype = torch.float32 if masks.numel() < 2 ** 24 else torch.float64
-    index = torch.arange(masks.numel(), device=masks.device, dtype=dtype).reshape(masks.shape)
-    ids = torch.where(masks, index, float("inf"))[:, None]
-    sweeps, keep_largest = (_compiled(_sweeps), _compiled(_keep_largest)) if compiled else (_sweeps, _keep_largest)
-    ids = _fixed_point(ids, masks[:, None], masks.flatten(), connectivity, sweeps)
+    the start, the sweeps and the counting through torch.compile."""
+    start, sweeps, keep_largest = _stages(_initial_ids, _keep_largest, compiled)
+    ids = _fixed_point(start(masks), masks, connectivity, sweeps)
     return keep_largest(ids[:, 0], masks)
+
+
+def _stages(start, finish, compiled: bool):
+    """A clean-up's start, sweeps and finish: each one graph in a compiled run (three graph
+    calls and the fixed point's tests instead of a kernel launch per small op), else eager."""
+    if compiled:
+        return _compiled(start), _compiled(_sweeps), _compiled(finish)
+    return start, _sweeps, finish
 
 
 def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full", compiled: bool = False) -> torch.Tensor:
@@ -172,9 +185,23 @@ def pseudo_labels(probs: torch.Tensor, lcc: bool, connectivity: str = "full", co
 
 
 def keep_largest_torch(labels: torch.Tensor, classes: int, connectivity: str, compiled: bool = False) -> torch.Tensor:
-    masks = torch.stack([labels == c for c in range(1, classes)], 1)  # (B, C-1, ...)
-    keep = largest_components_torch(masks.flatten(0, 1), connectivity, compiled).reshape(masks.shape)
-    cls = torch.arange(1, classes, device=labels.device).reshape((1, -1) + (1,) * (labels.dim() - 1))
+    start, sweeps, finish = _stages(_class_masks_and_ids, _labels_of_largest, compiled)
+    masks, ids = start(labels, classes)
+    return finish(_fixed_point(ids, masks, connectivity, sweeps), masks, classes)
+
+
+def _class_masks_and_ids(labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, ...) -> a mask per image and foreground class (B * (classes - 1), ...),
+    image-major, and their initial ids."""
+    masks = torch.stack([labels == c for c in range(1, classes)], 1).flatten(0, 1)
+    return masks, _initial_ids(masks)
+
+
+def _labels_of_largest(ids: torch.Tensor, masks: torch.Tensor, classes: int) -> torch.Tensor:
+    """The fixed point's ids of `_class_masks_and_ids`' masks -> labels (B, ...), each class
+    its largest component."""
+    keep = _keep_largest(ids[:, 0], masks).reshape((-1, classes - 1) + masks.shape[1:])
+    cls = torch.arange(1, classes, device=masks.device).reshape((1, -1) + (1,) * (masks.dim() - 1))
     return (keep * cls).sum(1)
 
 

@@ -1,0 +1,283 @@
+"""What the host launches per iteration of a compiled GPU run, counted on a CPU: a stand-in
+for G1's profile when no GPU is lent.
+
+    python bench/launches.py --acdc DATA [--baseline FOLDER ...] [--small] [--iters 5]
+
+G1 is bound by the host: every kernel that eager code launches, every compiled graph called
+and every wait for the card costs host time the GPU idles through (BENCHMARKS.md). Those
+counts do not depend on the card: this script runs BUARL self-training (`acdc` config, 256²,
+batch 24) on the CPU in a compiled run with the GPU's code paths (the pseudo-labels' device
+clean-up, the augmentation's one grid_sample per batch, fused SGD), profiles a few
+iterations with torch.profiler and counts, per iteration and per part of the step:
+- `launches`: eager ATen ops outside compiled graphs that compute (the innermost ones: a
+  view, an allocation or a dispatcher that only calls another op launches nothing); on a
+  GPU each is about one kernel launch;
+- `graph_calls`: calls of compiled graphs, forward and backward (on a GPU under
+  reduce-overhead the network's are one CUDA-graph replay each, the rest a few Triton
+  kernels each);
+- `host_reads`: values read back on the host (`.item()`, `float()`, `bool()` of a tensor):
+  on a GPU each waits for the card.
+The random draws (sampler, augmentation parameters, copy-paste box) stay on the host in a
+GPU run and are counted apart (`host_ops`), as are host-to-device copies (`uploads`),
+which a CPU run cannot see as copies. Each variant also times its iterations unprofiled
+(`ms_per_iteration`, the median); `--small` runs every variant again at 32², batch 8,
+where the network's arithmetic is small and a CPU's time per iteration is mostly the
+host's: Python, dispatch, compiled graphs' guards and wrappers (not a GPU's launch latency,
+which `launches` stands for). Each variant (`--variants` on this checkout, each
+`--baseline`'s `buarl/`) runs in its own process, in one run: compare within it.
+Writes bench/results/launches.json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ATen ops that launch no kernel: views, allocations, metadata, and host-side conversions
+NO_LAUNCH = {
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::slice", "aten::select",
+    "aten::as_strided", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::permute",
+    "aten::t", "aten::transpose", "aten::chunk", "aten::split", "aten::split_with_sizes", "aten::unbind",
+    "aten::narrow", "aten::flatten", "aten::unflatten", "aten::detach", "aten::detach_", "aten::alias",
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+    "aten::resize_", "aten::set_", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg",
+    "aten::contiguous", "aten::to", "aten::view_as", "aten::result_type", "aten::is_nonzero",
+    "aten::pin_memory", "aten::_pin_memory", "aten::is_pinned", "aten::record_stream", "aten::item",
+}
+# one multi-tensor kernel on a GPU (a few for long lists), a loop of per-tensor ops on a CPU
+MULTI_TENSOR = ("aten::_foreach_", "aten::_fused_")
+HOST_READS = {"aten::_local_scalar_dense", "aten::equal", "aten::nonzero"}
+RANDOM = {"aten::rand", "aten::randint", "aten::randperm", "aten::random_", "aten::uniform_", "aten::normal_"}
+COMPILED_CALL = "## Call CompiledFxGraph"
+# where the network's arithmetic is small, a CPU's time per iteration is mostly the host's
+SMALL = {"image_size": 32, "batch_size": 8, "labeled_bs": 4}
+BACKWARD = "autograd::engine::evaluate_function"
+
+
+def count(events, begin_us: float, end_us: float) -> dict:
+    """Per part of the step (the innermost `part:` range around an op; `backward` for the
+    autograd engine's work): launches, graph calls, host reads, host ops and uploads."""
+    children = collections.defaultdict(list)
+    for e in events:
+        if e.cpu_parent is not None:
+            children[id(e.cpu_parent)].append(e)
+
+    parts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def launches(e) -> int:
+        if e.name.startswith(MULTI_TENSOR):
+            return 1
+        below = sum(launches(c) for c in children[id(e)] if not c.name.startswith(COMPILED_CALL))
+        if below or not e.name.startswith("aten::") or e.name in NO_LAUNCH | HOST_READS | RANDOM:
+            return below
+        return 1
+
+    def visit(e, part: str, previous: str = "") -> None:
+        if e.name in {"aten::item"} | HOST_READS and previous in RANDOM:
+            parts[part]["host_ops"] += 1  # `int(torch.randint(..., generator=gen))`: a host draw's value
+            return
+        if e.name.startswith("part:"):
+            part = e.name[len("part:"):]
+            if part == "upload":
+                parts[part]["uploads"] += 1
+                return
+        elif e.name.startswith(BACKWARD) and part == "other":
+            part = "backward"
+        if part == "host":
+            if e.name.startswith("aten::") and not children[id(e)]:
+                parts[part]["host_ops"] += 1
+            visit_all(children[id(e)], part)
+            return
+        if e.name.startswith(COMPILED_CALL):
+            parts[part]["graph_calls"] += 1
+            return
+        if e.name in HOST_READS:
+            parts[part]["host_reads"] += 1
+            return
+        if e.name in RANDOM:
+            parts[part]["host_ops"] += 1
+            return
+        if e.name.startswith("aten::"):
+            n = launches(e)
+            if n:
+                parts[part]["launches"] += n
+                ops[part][e.name] += n
+            # host reads below an op (e.g. `.item()` inside another op) still count
+            stack = list(children[id(e)])
+            while stack:
+                c = stack.pop()
+                if c.name in HOST_READS:
+                    parts[part]["host_reads"] += 1
+                stack.extend(children[id(c)])
+            return
+        visit_all(children[id(e)], part)
+
+    def visit_all(siblings, part: str) -> None:
+        previous = ""
+        for e in sorted(siblings, key=lambda e: e.time_range.start):
+            visit(e, part, previous)
+            previous = e.name
+
+    visit_all([e for e in events if e.cpu_parent is None and begin_us <= e.time_range.start < end_us], "other")
+    return {"parts": {k: dict(v) for k, v in sorted(parts.items())},
+            "top_ops": {k: dict(v.most_common(8)) for k, v in sorted(ops.items())}}
+
+
+def worker(data_root: str, iters: int, timed: int, overrides: dict) -> dict:
+    """One variant, in this process: `buarl` is whichever the path finds first."""
+    import functools
+    from unittest import mock
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import buarl.data.augment as augment
+    import buarl.method.pseudo as pseudo
+    import buarl.train as loop_module
+    from buarl.config import load_config
+
+    def part(name, fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with record_function("part:" + name):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    # the GPU's code paths, on the CPU
+    def device_pseudo_labels(probs, lcc, connectivity="full", compiled=False):
+        labels = probs.argmax(1)
+        return pseudo.keep_largest_torch(labels, probs.shape[1], connectivity, compiled) if lcc else labels
+
+    one_pass = functools.partial(augment.augment_batch_2d, one_pass=True)
+    sgd = torch.optim.SGD
+    patches = [
+        mock.patch.object(loop_module, "pseudo_labels", part("pseudo_labels", device_pseudo_labels)),
+        mock.patch("buarl.data.acdc.augment_batch_2d", part("augment", one_pass)),
+        mock.patch.object(torch.optim, "SGD", lambda *a, **k: sgd(*a, **{**k, "fused": True})),
+        # host work in a GPU run: the draws and the affine maps built from them
+        mock.patch.object(augment, "draw_2d", part("host", augment.draw_2d)),
+        mock.patch.object(augment, "_theta", part("host", augment._theta)),
+        mock.patch.object(augment, "_rot90_flip_theta", part("host", augment._rot90_flip_theta)),
+        *([mock.patch.object(augment, "_thetas", part("host", augment._thetas))] if hasattr(augment, "_thetas") else []),
+        mock.patch.object(loop_module, "box_mask", part("box_mask", loop_module.box_mask)),
+        mock.patch.object(loop_module, "ema_update", part("ema", loop_module.ema_update)),
+    ]
+    import buarl.runtime as runtime
+    if hasattr(runtime, "upload"):  # (a baseline may predate it)
+        patches.append(mock.patch.object(runtime, "upload", part("upload", runtime.upload)))
+        for module in (loop_module, augment):
+            if hasattr(module, "upload"):
+                patches.append(mock.patch.object(module, "upload", part("upload", module.upload)))
+    for p in patches:
+        p.start()
+
+    cfg = load_config("acdc", {
+        "data_root": data_root, "base": "bcp", "url": True, "crl": True, "pretrain_iters": 0, "iters": 10 ** 6,
+        "eval_every": 10 ** 9, "log_every": 10 ** 6, "labeled": 3, "device": "cpu", "test_cases": 1, "val_cases": 1,
+        "compile": "default", **overrides})
+    loop = loop_module.Loop(cfg, loop_module.Reporter(), lambda m: m)
+    loop.validate = lambda stage: None
+    loop.sampler.next = part("host", loop.sampler.next)
+    loop.data.batch = part("batch", loop.data.batch)
+    for name in ("teacher_probs", "schedule", "forward", "loss"):
+        setattr(loop, name, part(name, getattr(loop, name)))
+    loop.bcp_batch = part("bcp_batch", loop.bcp_batch)
+    marks = []
+
+    def mark(mode, _step_begin=loop_module.step_begin):
+        with record_function("iteration"):
+            marks.append(time.perf_counter())
+        _step_begin(mode)
+
+    loop_module.step_begin = mark
+
+    def steps(n: int) -> None:
+        loop.total = loop.step + n
+        with mock.patch.object(loop_module, "evaluate", lambda *args, **kwargs: {}):
+            loop.run()
+
+    began = time.perf_counter()
+    steps(3)  # compilation
+    warm_s = time.perf_counter() - began
+    marks.clear()
+    steps(timed + 1)  # unprofiled; the last iteration's start closes the timed ones
+    per_step = sorted(b - a for a, b in zip(marks, marks[1:]))
+    # one more iteration than counted: its start closes the last counted one
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        steps(iters + 1)
+    events = list(prof.events())
+    starts = sorted(e.time_range.start for e in events if e.name == "iteration")[-(iters + 1):]
+    counted = count(events, starts[0], starts[-1])
+    per_iter = {part: {k: round(v / iters, 2) for k, v in c.items()} for part, c in counted["parts"].items()}
+    totals = collections.Counter()
+    for c in per_iter.values():
+        totals.update(c)
+    from torch._dynamo.utils import counters
+    return {"per_iteration": {k: round(v, 2) for k, v in sorted(totals.items())}, "by_part": per_iter,
+            "top_ops_per_iteration": {p: {k: round(v / iters, 2) for k, v in c.items()}
+                                      for p, c in counted["top_ops"].items()},
+            "graph_breaks": int(sum(counters["graph_break"].values())), "warmup_s": round(warm_s, 1),
+            "ms_per_iteration": round(1000 * per_step[len(per_step) // 2], 2),
+            "profiled_ms_per_iteration": round(1000 * (starts[-1] - starts[0]) / 1e6 / iters, 1),
+            "overrides": overrides, "iters": iters, "timed": timed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--acdc", required=True, help="ACDC data root")
+    p.add_argument("--baseline", type=Path, action="append", default=[],
+                   help="a folder holding an earlier commit's buarl/ and its name in COMMIT (repeatable)")
+    p.add_argument("--iters", type=int, default=5, help="iterations counted per variant")
+    p.add_argument("--timed", type=int, default=10, help="iterations timed per variant (median), unprofiled")
+    p.add_argument("--small", action="store_true",
+                   help="also time every variant at 32², batch 8: the host's time per iteration, nearly")
+    p.add_argument("--variants", default='{"default": {}, "split_calls_one": {"split_calls": "one"}}',
+                   help="JSON: name -> config overrides, each run on this checkout")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "launches.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON overrides: run one variant here
+    a = p.parse_args()
+    if a.worker is not None:
+        print("RESULT " + json.dumps(worker(a.acdc, a.iters, a.timed, json.loads(a.worker))), flush=True)
+        return
+
+    import torch
+    runs = [(name, ROOT, overrides) for name, overrides in json.loads(a.variants).items()]
+    for i, folder in enumerate(a.baseline):
+        commit = (folder / "COMMIT").read_text().strip()
+        runs.insert(i, (f"baseline_{commit}", folder.resolve(), {}))
+    if a.small:
+        runs += [(name + "@32px", code, {**overrides, **SMALL}) for name, code, overrides in runs]
+    results = {}
+    for name, code, overrides in runs:
+        print(f"launches: {name} ...", file=sys.stderr, flush=True)
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--acdc", a.acdc, "--iters",
+                              str(a.iters), "--timed", str(a.timed), "--worker", json.dumps(overrides)],
+                             env=env, cwd=code, capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode or not lines:
+            sys.exit(f"launches: variant {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        results[name] = json.loads(lines[-1][len("RESULT "):])
+        print(f"  {name}: {results[name]['per_iteration']}", file=sys.stderr, flush=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    report = {"machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch": torch.__version__},
+              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "commit": head.stdout.strip(), "config": "acdc (256², batch 24), BUARL self-training, compile=default, CPU",
+              "variants": results}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
