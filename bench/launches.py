@@ -268,7 +268,8 @@ def main() -> None:
             sys.exit(f"launches: variant {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         results[name] = json.loads(lines[-1][len("RESULT "):])
         print(f"  {name}: {results[name]['per_iteration']}", file=sys.stderr, flush=True)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    # "-dirty": the variants ran on uncommitted changes
+    head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     report = {"machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__},
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
