@@ -240,6 +240,9 @@ def main() -> None:
     p.add_argument("--timed", type=int, default=10, help="iterations timed per variant (median), unprofiled")
     p.add_argument("--small", action="store_true",
                    help="also time every variant at 32², batch 8: the host's time per iteration, nearly")
+    p.add_argument("--small-timed", type=int, default=200, help="iterations timed per variant at 32²")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of the 32² variants, one after another in each (this machine drifts)")
     p.add_argument("--variants", default='{"default": {}, "split_calls_one": {"split_calls": "one"}}',
                    help="JSON: name -> config overrides, each run on this checkout")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "launches.json")
@@ -254,20 +257,29 @@ def main() -> None:
     for i, folder in enumerate(a.baseline):
         commit = (folder / "COMMIT").read_text().strip()
         runs.insert(i, (f"baseline_{commit}", folder.resolve(), {}))
-    if a.small:
-        runs += [(name + "@32px", code, {**overrides, **SMALL}) for name, code, overrides in runs]
-    results = {}
-    for name, code, overrides in runs:
+
+    def run(name: str, code: Path, overrides: dict, timed: int) -> dict:
         print(f"launches: {name} ...", file=sys.stderr, flush=True)
         env = {**os.environ, "PYTHONPATH": str(code)}
         out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--acdc", a.acdc, "--iters",
-                              str(a.iters), "--timed", str(a.timed), "--worker", json.dumps(overrides)],
+                              str(a.iters), "--timed", str(timed), "--worker", json.dumps(overrides)],
                              env=env, cwd=code, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
             sys.exit(f"launches: variant {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        results[name] = json.loads(lines[-1][len("RESULT "):])
-        print(f"  {name}: {results[name]['per_iteration']}", file=sys.stderr, flush=True)
+        result = json.loads(lines[-1][len("RESULT "):])
+        print(f"  {name}: {result['per_iteration']}, {result['ms_per_iteration']} ms", file=sys.stderr, flush=True)
+        return result
+
+    results = {name: run(name, code, overrides, a.timed) for name, code, overrides in runs}
+    if a.small:
+        small = [(name + "@32px", code, {**overrides, **SMALL}) for name, code, overrides in runs]
+        for _ in range(a.rounds):
+            for name, code, overrides in small:
+                result = run(name, code, overrides, a.small_timed)
+                rounds = results.get(name, {}).get("ms_per_iteration_rounds", []) + [result["ms_per_iteration"]]
+                results[name] = {**result, "ms_per_iteration_rounds": rounds,
+                                 "ms_per_iteration": sorted(rounds)[len(rounds) // 2]}
     # "-dirty": the variants ran on uncommitted changes
     head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     report = {"machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
