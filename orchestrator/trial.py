@@ -27,7 +27,9 @@ from buarl.train import Reporter, train
 from orchestrator.space import Resources
 
 STATE = "state.pt"
-STEP = "step.json"  # beside STATE in every checkpoint: its iteration, readable without loading it
+# beside STATE in every checkpoint: its iteration, readable without loading it, and the
+# evaluation reported with it (replayed on resume: the driver may have died before logging it)
+STEP = "step.json"
 # The packages a worker runs: the sweep ships them to every worker (Ray `py_modules`), so a
 # cluster's workers run the driver's code, not whatever copy their node has installed.
 PACKAGES = (Path(buarl.__file__).resolve().parent, Path(__file__).resolve().parent)
@@ -65,6 +67,7 @@ class RayReporter(Reporter):
         # the space's metric from each result
         self.last_eval: dict = {"val_dice": 0.0, "best_val_dice": 0.0}
         self.evaluations = 0
+        self.last_report: Optional[dict] = None  # the last evaluation's result, as reported
         self.digest = code_digest()  # reported with every result: which code this worker runs
 
     def log(self, step: int, scalars: dict) -> None:
@@ -87,9 +90,9 @@ class RayReporter(Reporter):
         self.state = state
         self.evaluations += 1
         self.last_eval = {k: metrics[k] for k in ("val_dice", "best_val_dice")}
-        self._report({**self.scalars, **metrics, "done": 0, "code_digest": self.digest, "report": 1,
-                      "evaluations": self.evaluations, "resumed_from": self.resumed_from},
-                      lambda folder: write_state(folder, state))
+        self.last_report = {**self.scalars, **metrics, "done": 0, "code_digest": self.digest, "report": 1,
+                            "evaluations": self.evaluations, "resumed_from": self.resumed_from}
+        self._report(self.last_report, lambda folder: write_state(folder, state, self.last_report))
 
     def restore(self) -> Optional[dict]:
         """The newest readable checkpoint of this run. Tune records a trial's checkpoint in its
@@ -106,8 +109,22 @@ class RayReporter(Reporter):
             state = load_state(ckpt)
             if state is not None:
                 self.resumed_from = int(state["step"])
+                self._replay(step_file(ckpt).get("report"))
                 return state
         return None
+
+    def _replay(self, report: Optional[dict]) -> None:
+        """The restored checkpoint's evaluation, reported once more. The driver logs results
+        as it receives them, so one killed between a worker's report and its own handling of
+        it never logged that evaluation; a trial restored there (at its end, say) would not
+        evaluate it again. The driver keeps one value per step and key (tracking.py), so an
+        evaluation it did log is not logged twice."""
+        if not report:
+            return
+        self.evaluations = int(report.get("evaluations", 0))
+        self.last_eval = {k: report[k] for k in ("val_dice", "best_val_dice") if k in report}
+        self.last_report = {**report, "code_digest": self.digest, "resumed_from": self.resumed_from}
+        self.api.report(self.last_report)
 
     def finish(self, metrics: dict, best_weights: dict) -> None:
         final = {**flat_test_metrics(metrics), "best_val_dice": float(metrics["best_val_dice"]),
@@ -117,23 +134,33 @@ class RayReporter(Reporter):
         def write(folder: Path) -> None:
             run_folder.write_final(folder, self.cfg, metrics, best_weights, self.preview_cases)
             if self.state is not None:  # a restart after the end resumes straight to the end
-                write_state(folder, self.state)
+                write_state(folder, self.state, self.last_report)
         self._report(final, write)
 
 
-def write_state(folder: Path, state: dict) -> None:
-    """The loop's state and, beside it, its iteration (read without loading the state)."""
+def write_state(folder: Path, state: dict, report: Optional[dict] = None) -> None:
+    """The loop's state and, beside it, its iteration (read without loading the state) and
+    the evaluation `report`ed with it."""
     torch.save(state, folder / STATE)
-    (folder / STEP).write_text(json.dumps({"step": int(state["step"])}))
+    (folder / STEP).write_text(json.dumps({"step": int(state["step"]), "report": report}))
+
+
+def step_file(ckpt) -> dict:
+    """A checkpoint's STEP file; {} when it has none (an older checkpoint, or one cut while
+    it was written)."""
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STEP}") as f:
+            info = json.loads(f.read())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def checkpoint_step(ckpt) -> int:
-    """The iteration a checkpoint holds, from its STEP file; -1 when it has none (an older
-    checkpoint, or one cut while it was written: tried last)."""
+    """The iteration a checkpoint holds, from its STEP file; -1 when it has none: tried last."""
     try:
-        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STEP}") as f:
-            return int(json.loads(f.read())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(step_file(ckpt)["step"])
+    except (KeyError, TypeError, ValueError):
         return -1
 
 

@@ -398,7 +398,8 @@ def test_a_trial_resumes_from_its_newest_saved_checkpoint_not_tunes_lagging_one(
     """Tune saves which checkpoint a trial holds with its experiment state, every >= 10 s; a
     sweep killed in between restarts the trial with an older checkpoint (or none, as in CI's
     failure). The trial's storage folder holds every checkpoint it reported: the newest
-    readable one wins, one cut mid-copy is skipped with a warning."""
+    readable one wins, one cut mid-copy is skipped with a warning. The evaluation reported
+    with it is reported once more (the killed driver may never have logged it)."""
     import pyarrow.fs
     import ray.tune
     from orchestrator import trial
@@ -407,7 +408,9 @@ def test_a_trial_resumes_from_its_newest_saved_checkpoint_not_tunes_lagging_one(
     for index, step in enumerate((4, 8, 12)):
         folder = tmp_path / f"checkpoint_{index:06d}"
         folder.mkdir()
-        write_state(folder, {"step": step, "w": torch.full((3,), float(step))})
+        report = {"val_dice": step / 100, "best_val_dice": 0.5, "iteration": step, "evaluations": index + 1,
+                  "report": 1, "done": 0, "resumed_from": 0} if step > 4 else None  # 4: an older checkpoint
+        write_state(folder, {"step": step, "w": torch.full((3,), float(step))}, report)
     state = tmp_path / "checkpoint_000002" / trial.STATE
     state.write_bytes(state.read_bytes()[:40])  # cut while it was copied to storage
     (tmp_path / "checkpoint_000003").mkdir()  # empty: a copy that had not begun
@@ -416,16 +419,21 @@ def test_a_trial_resumes_from_its_newest_saved_checkpoint_not_tunes_lagging_one(
     assert [s for s, _ in found] == [4, 8, 12, -1]
 
     lagging = ray.tune.Checkpoint(str(tmp_path / "checkpoint_000000"))
-    api = SimpleNamespace(get_checkpoint=lambda: lagging, Checkpoint=ray.tune.Checkpoint)
+    reported = []
+    api = SimpleNamespace(get_checkpoint=lambda: lagging, Checkpoint=ray.tune.Checkpoint, report=reported.append)
     monkeypatch.setattr(trial, "own_checkpoints", lambda: found)
     rep = RayReporter(None, [], api)
     rep.in_trial = True
     with pytest.warns(UserWarning, match="checkpoint_000002 cannot be read"):
         restored = rep.restore()
     assert restored["step"] == 8 and rep.resumed_from == 8 and restored["w"].tolist() == [8.0] * 3
-    # nothing newer on storage: Tune's own checkpoint; none anywhere: a fresh start
+    assert len(reported) == 1 and reported[0]["iteration"] == 8 and reported[0]["val_dice"] == 0.08
+    assert reported[0]["resumed_from"] == 8 and reported[0]["code_digest"] == rep.digest
+    assert rep.evaluations == 2 and rep.last_eval == {"val_dice": 0.08, "best_val_dice": 0.5}
+    # nothing newer on storage: Tune's own checkpoint (one without a report: nothing replayed);
+    # none anywhere: a fresh start
     monkeypatch.setattr(trial, "own_checkpoints", lambda: [])
-    assert rep.restore()["step"] == 4
+    assert rep.restore()["step"] == 4 and len(reported) == 1
     assert RayReporter(None, [], SimpleNamespace(get_checkpoint=lambda: None)).restore() is None
     # no storage to list (outside a Tune session here; a changed developer API in a later Ray):
     # a warning, and Tune's checkpoint alone
