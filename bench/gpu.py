@@ -322,7 +322,8 @@ def main() -> None:
                 over_glue_eager=round(comp_speed / glue[0]["it_per_s"], 2))
             save("solo compiled, glue eager")
     if compiled_mode and "calls" in phases:
-        # the default since it launched ~100 fewer kernels per iteration (bench/launches.py)
+        # one call is the default since bench/launches.py counted 84 fewer kernel launches per
+        # iteration with it (no two backwards' gradients to sum)
         per_chunk, util_pc = measure(f"G1 {compiled_mode}, a network call per chunk", "acdc", a.acdc, 1, acdc_l,
                                      mode=compiled_mode, overrides={"split_calls": "per_chunk"})
         if per_chunk:

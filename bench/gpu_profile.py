@@ -14,11 +14,11 @@ import io
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.gpu import card_slug  # noqa: E402 (after the path: run as a script)
+from bench.iterations import iterations_only  # noqa: E402
 
 
 def main() -> None:
@@ -34,25 +34,15 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import buarl.train as train_module
-    from buarl.config import load_config
-    from buarl.train import Loop, Reporter
-
-    cfg = load_config("acdc" if a.acdc else "phantom", {
-        "data_root": a.acdc, "base": "bcp", "url": True, "crl": True, "pretrain_iters": 0, "iters": 10 ** 6,
-        "eval_every": 10 ** 9, "log_every": 10 ** 6, "labeled": 3 if a.acdc else 2, "device": a.device,
-        "test_cases": 1, "val_cases": 1, "compile": a.compile})
-    loop = Loop(cfg, Reporter(), lambda m: m)
-    # iterations only: no validation, no test evaluation at the end of each run() below
-    loop.validate = lambda stage: None
+    loop, run = iterations_only("acdc" if a.acdc else "phantom", {
+        "data_root": a.acdc, "labeled": 3 if a.acdc else 2, "device": a.device, "compile": a.compile})
+    cfg = loop.cfg
     sync = torch.cuda.synchronize if loop.device.type == "cuda" else (lambda: None)
 
     def steps(n: int) -> float:
-        loop.total = loop.step + n
         sync()
         began = time.perf_counter()
-        with mock.patch.object(train_module, "evaluate", lambda *args, **kwargs: {}):
-            loop.run()
+        run(n)
         sync()
         return time.perf_counter() - began
 

@@ -40,6 +40,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# BENCH_BUARL=DIR counts DIR/buarl (an earlier commit's, from `git archive`), as bench/gpu.py
+# measures one; `bench` comes from this checkout either way
+sys.path[:0] = [os.environ.get("BENCH_BUARL", str(ROOT)), str(ROOT)]
+from bench.iterations import iterations_only  # noqa: E402 (after the path: run as a script)
 
 # ATen ops that launch no kernel: views, allocations, metadata, and host-side conversions
 NO_LAUNCH = {
@@ -133,17 +137,18 @@ def count(events, begin_us: float, end_us: float) -> dict:
 
 
 def worker(data_root: str, iters: int, timed: int, overrides: dict) -> dict:
-    """One variant, in this process: `buarl` is whichever the path finds first."""
+    """One variant, in this process (`buarl` from BENCH_BUARL, else this checkout)."""
     import functools
     from unittest import mock
 
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    import buarl.data.acdc  # noqa: F401 (imported before the scan for `upload` below)
     import buarl.data.augment as augment
     import buarl.method.pseudo as pseudo
+    import buarl.runtime as runtime
     import buarl.train as loop_module
-    from buarl.config import load_config
 
     def part(name, fn):
         @functools.wraps(fn)
@@ -171,21 +176,15 @@ def worker(data_root: str, iters: int, timed: int, overrides: dict) -> dict:
         mock.patch.object(loop_module, "box_mask", part("box_mask", loop_module.box_mask)),
         mock.patch.object(loop_module, "ema_update", part("ema", loop_module.ema_update)),
     ]
-    import buarl.runtime as runtime
-    if hasattr(runtime, "upload"):  # (a baseline may predate it)
-        patches.append(mock.patch.object(runtime, "upload", part("upload", runtime.upload)))
-        for module in (loop_module, augment):
-            if hasattr(module, "upload"):
-                patches.append(mock.patch.object(module, "upload", part("upload", module.upload)))
+    # every module's own name for `upload` (a baseline may predate it)
+    uploads = [module for name, module in list(sys.modules.items())
+               if name.startswith("buarl.") and getattr(module, "upload", None) is getattr(runtime, "upload", False)]
+    patches += [mock.patch.object(module, "upload", part("upload", runtime.upload)) for module in uploads]
     for p in patches:
         p.start()
 
-    cfg = load_config("acdc", {
-        "data_root": data_root, "base": "bcp", "url": True, "crl": True, "pretrain_iters": 0, "iters": 10 ** 6,
-        "eval_every": 10 ** 9, "log_every": 10 ** 6, "labeled": 3, "device": "cpu", "test_cases": 1, "val_cases": 1,
-        "compile": "default", **overrides})
-    loop = loop_module.Loop(cfg, loop_module.Reporter(), lambda m: m)
-    loop.validate = lambda stage: None
+    loop, steps = iterations_only("acdc", {"data_root": data_root, "labeled": 3, "device": "cpu",
+                                           "compile": "default", **overrides})
     loop.sampler.next = part("host", loop.sampler.next)
     loop.data.batch = part("batch", loop.data.batch)
     for name in ("teacher_probs", "schedule", "forward", "loss"):
@@ -199,11 +198,6 @@ def worker(data_root: str, iters: int, timed: int, overrides: dict) -> dict:
         _step_begin(mode)
 
     loop_module.step_begin = mark
-
-    def steps(n: int) -> None:
-        loop.total = loop.step + n
-        with mock.patch.object(loop_module, "evaluate", lambda *args, **kwargs: {}):
-            loop.run()
 
     began = time.perf_counter()
     steps(3)  # compilation
@@ -260,10 +254,11 @@ def main() -> None:
 
     def run(name: str, code: Path, overrides: dict, timed: int) -> dict:
         print(f"launches: {name} ...", file=sys.stderr, flush=True)
-        env = {**os.environ, "PYTHONPATH": str(code)}
+        env = {k: v for k, v in os.environ.items() if k != "BENCH_BUARL"}
+        env.update({"BENCH_BUARL": str(code)} if code != ROOT else {})
         out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--acdc", a.acdc, "--iters",
                               str(a.iters), "--timed", str(timed), "--worker", json.dumps(overrides)],
-                             env=env, cwd=code, capture_output=True, text=True)
+                             env=env, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
             sys.exit(f"launches: variant {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")

@@ -82,6 +82,14 @@ def compiled(model, mode: str):
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
+@functools.cache
+def graph_of(fn):
+    """`fn`, tensor code around the networks, compiled into one graph (a break is an error):
+    inductor for fixed shapes, without CUDA graphs (its inputs are outputs of the step's own
+    graphs). One compiled function per `fn` in a process."""
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def upload(values, device: torch.device) -> torch.Tensor:
     """A host tensor (or list of numbers) on `device`, without a host sync. A plain
     `.to("cuda")` of pageable host memory makes the host wait for every kernel already

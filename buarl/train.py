@@ -142,7 +142,7 @@ class Loop:
         # step (tests/test_fast_paths.py). The wrappers share the modules' weights and buffers.
         one_call = cfg.split_calls == "one"
         probs = Probabilities(self.teacher)
-        self.teacher_net = (SplitForward(compiled(probs, self.compile), one_call) if one_call
+        self.teacher_net = (SplitForward(compiled(probs, self.compile), one_call=True) if one_call
                             else compiled(SplitForward(probs), self.compile))
         self.student = wrap(SplitForward(compiled(core, self.compile), one_call))
         # A compiled run also compiles the rest of the step's tensor code: the copy-paste batch

@@ -6,14 +6,13 @@ rotation in [-20, 20) degrees (nearest neighbour, as the reference's order=0).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from buarl.runtime import upload
+from buarl.runtime import graph_of, upload
 
 
 def _u(gen: torch.Generator) -> float:
@@ -83,13 +82,6 @@ def _sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
     return out[:, :1].contiguous(), out[:, 1].round().to(labels.dtype)
 
 
-@functools.cache
-def _compiled_sample():
-    """`_sample` as one graph: eager, the affine grid alone is about ten small kernels the
-    host launches. Inductor, no CUDA graphs; a batch's shape is fixed per run."""
-    return torch.compile(_sample, dynamic=False, fullgraph=True)
-
-
 def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
                      one_pass: bool | None = None, compiled: bool = False):
     """images (B, 1, H, W), labels (B, H, W) with H == W, on any device: the draws of
@@ -107,7 +99,8 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
     if one_pass is None:
         one_pass = images.device.type != "cpu"
     if one_pass:
-        sample = _compiled_sample() if compiled else _sample
+        # compiled: one graph instead of about ten small kernels for the affine grid alone
+        sample = graph_of(_sample) if compiled else _sample
         return sample(images, labels, upload(_thetas(draws), images.device))
     images, labels = images.clone(), labels.clone()
     groups: dict[tuple[int, int], list[int]] = {}

@@ -1,12 +1,12 @@
 """Teacher pseudo-labels: argmax, optionally cleaned to the largest component per class (BCP)."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+from buarl.runtime import graph_of
 
 
 def _structure(ndim: int, connectivity: str) -> np.ndarray:
@@ -92,15 +92,6 @@ def _sweeps(ids: torch.Tensor, inside: torch.Tensor, fg: torch.Tensor,
     return last, (last == ids).all()
 
 
-@functools.cache
-def _compiled(fn):
-    """`fn` (a clean-up's start, its sweeps, its finish) compiled into one graph: inductor,
-    no CUDA graphs (the sweeps' inputs are each the previous call's outputs). Eager, each
-    sweep is several small kernels the host launches; compiled, a few per sweep (the scatter
-    of minima stays ATen's kernel: inductor has no lowering for it). Shapes are fixed per run."""
-    return torch.compile(fn, dynamic=False, fullgraph=True)
-
-
 def _fixed_point(ids: torch.Tensor, masks: torch.Tensor, connectivity: str, sweeps) -> torch.Tensor:
     """Sweeps until one changes nothing, testing after each call of `sweeps` (its last
     sweep). A sweep that changes nothing reached the fixed point, and further sweeps keep
@@ -164,10 +155,12 @@ def largest_components_torch(masks: torch.Tensor, connectivity: str = "full", co
 
 
 def _stages(start, finish, compiled: bool):
-    """A clean-up's start, sweeps and finish: each one graph in a compiled run (three graph
-    calls and the fixed point's tests instead of a kernel launch per small op), else eager."""
+    """A clean-up's start, sweeps and finish: each one graph in a compiled run, else eager.
+    Eager, each sweep is several small kernels the host launches and each test of the fixed
+    point two more; compiled, a few per sweep (the scatter of minima stays ATen's kernel:
+    inductor has no lowering for it) and the test inside the sweeps' graph."""
     if compiled:
-        return _compiled(start), _compiled(_sweeps), _compiled(finish)
+        return graph_of(start), graph_of(_sweeps), graph_of(finish)
     return start, _sweeps, finish
 
 
