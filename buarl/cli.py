@@ -47,28 +47,58 @@ def _train(args) -> int:
     from buarl.reporting import LocalReporter
     from buarl.train import train
 
+    from buarl import pretraining
     cfg = resolve(args.config, args.set, args.data_root)
+    if args.pretrain_only and args.from_pretrained:
+        raise ConfigError("--pretrain-only and --from-pretrained exclude each other")
+    start = None
+    if args.from_pretrained:  # checked before anything is written
+        obj = pretraining.read(Path(args.from_pretrained))
+        start = pretraining.start_state(cfg, obj, f"--from-pretrained {args.from_pretrained}")
+        digest = environment()["buarl_digest"]
+        if obj.get("digest") != digest:
+            print(f"buarl: warning: --from-pretrained {args.from_pretrained} was made by other buarl code "
+                  f"({obj.get('digest')}, this is {digest}); its hand-over may differ from this code's",
+                  file=sys.stderr)
+    elif args.pretrain_only and not pretraining.forks(cfg):
+        raise ConfigError(f"--pretrain-only: base={cfg.base}, pretrain_iters={cfg.pretrain_iters} has no "
+                          "pre-training stage (base=bcp with pretrain_iters > 0 has)")
     name = Path(args.config).stem if args.config not in SHIPPED else args.config
     out = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from buarl import run_folder
-    for existing in (run_folder.BEST, run_folder.METRICS):
+    for existing in (run_folder.BEST, run_folder.METRICS, pretraining.FILE):
         if (out / existing).exists():
             raise ConfigError(f"--out {out}: already holds a finished run ({existing}); "
                               "choose a new folder so nothing is overwritten")
     out.mkdir(parents=True, exist_ok=True)
     run_folder.write_config(out, cfg)
     run_folder.write_run_info(out, {"command": " ".join(shlex.quote(a) for a in sys.argv), "seed": cfg.seed,
-                                    "data_root": cfg.data_root, **environment()})
-    print(f"run folder {out} (config.yaml, run.json, train.log, best.pt, metrics.json)")
+                                    "data_root": cfg.data_root, "from_pretrained": args.from_pretrained,
+                                    **environment()})
     started = time.time()
+    if args.pretrain_only:
+        print(f"run folder {out} (config.yaml, run.json, train.log, {pretraining.FILE})")
+        reporter = LocalReporter(cfg, out, total=cfg.pretrain_iters)
+        try:
+            state = pretraining.pretrain(cfg, reporter=reporter)
+        finally:
+            reporter.close()
+        pretraining.save(out / pretraining.FILE, cfg, state, environment()["buarl_digest"])
+        best = state.get("pre_best") or {}
+        print(json.dumps({"wall_seconds": round(time.time() - started, 1), "pretrained": str(out / pretraining.FILE),
+                          "best_pretrain_val_dice": best.get("dice"), "best_pretrain_step": best.get("step")},
+                         indent=2))
+        return 0
+    print(f"run folder {out} (config.yaml, run.json, train.log, best.pt, metrics.json)")
     try:
-        metrics = train(cfg, LocalReporter(cfg, out))
+        metrics = train(cfg, LocalReporter(cfg, out), start=start)
     except BaseException as e:  # the run folder says why it ended, not only the terminal
         with (out / run_folder.LOG).open("a") as log:
             log.write(f"ERROR: run ended with {type(e).__name__}: {e}\n")
         raise
     summary = {k: metrics[k] for k in ("dice", "jaccard", "hd95", "asd", "empty_predictions",
                                        "best_val_dice", "best_step")}
+    summary["last_iterate_dice"] = metrics["last"]["dice"]
     print(json.dumps({"wall_seconds": round(time.time() - started, 1), **summary}, indent=2))
     return 0
 
@@ -188,6 +218,11 @@ def _predict(args) -> int:
     return 2 if skipped else 0
 
 
+def pretraining_file() -> str:
+    from buarl.pretraining import FILE
+    return FILE
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -212,6 +247,13 @@ def parser() -> argparse.ArgumentParser:
                     help="override config keys, e.g. --set iters=100 tau_l=0.7")
     tr.add_argument("--data-root", help="dataset folder (default: the config's, else a phantom)")
     tr.add_argument("--out", help="run folder (default runs/<config>-<time>)")
+    tr.add_argument("--pretrain-only", action="store_true",
+                    help=f"run BCP's pre-training stage only and write {pretraining_file()} (the hand-over "
+                         "to self-training) into the run folder")
+    tr.add_argument("--from-pretrained", metavar="RUN",
+                    help=f"start self-training from a pre-training: a --pretrain-only run folder, its "
+                         f"{pretraining_file()}, or a sweep's <storage>/pretrain/<hash>/; refused unless its "
+                         "pre-training settings are this run's")
     tr.set_defaults(fn=_train)
 
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on val or test")

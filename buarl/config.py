@@ -39,7 +39,17 @@ class Config(BaseModel):
     tau_l: float = Field(0.5, ge=0.0, le=1.0)
     tau_u: float = Field(0.5, ge=0.0, le=1.0)
     tau_u_start: Optional[float] = Field(None, ge=0.0, le=1.0)
+    # How tau_l / tau_u become regions: `threshold`, an absolute level of the normalised
+    # entropy; `quantile`, a share of pixels: tau is the per-image quantile of U over the
+    # labeled (URL) or unlabeled (CRL) region, so the dose stays fixed as U shrinks.
     region_mode: Literal["threshold", "quantile"] = "threshold"
+    # URL's reading: `weight`, the labeled loss weighted 1 + lambda_url on H; `term`, BCP's
+    # loss unchanged plus lambda_url * (CE + Dice) / 2 of its own over the uncertain labeled
+    # region H.
+    url_mode: Literal["weight", "term"] = "weight"
+    # CRL's reading: `hard`, pseudo-labels kept only where U < tau_u; `soft`, every
+    # pseudo-label kept with a weight falling with U, lambda_crl * (1 - U) (tau_u unused).
+    crl_mode: Literal["hard", "soft"] = "hard"
     lambda_url: float = Field(1.0, ge=0.0)
     lambda_crl: float = Field(0.5, ge=0.0)
     ema_decay: float = Field(0.99, ge=0.0, le=1.0)

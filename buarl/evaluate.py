@@ -99,6 +99,9 @@ def validation_scores(model: nn.Module, cases: Iterable[Case], cfg: Config, devi
     """Mean foreground Dice over cases and classes (model selection; no distances), and the
     fraction of val voxels predicted / labeled foreground (a collapse to background shows)."""
     scores, fg_pred, fg_true, voxels = [], 0, 0, 0
+    # BCP selects on the raw prediction (its var_all_case_LA keeps every component); the
+    # largest-component step (la_lcc, its test_LA.py --nms) belongs to the test evaluation.
+    cfg = cfg.model_copy(update={"la_lcc": False})
     with evaluating(model, shape_search=True):
         for case in cases:
             pred = predict(model, case, cfg, device)

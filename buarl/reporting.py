@@ -25,11 +25,11 @@ class LocalReporter(Reporter):
     Dice) with evaluations printed above it; elsewhere (a log file, CI) a plain line per
     log step that carries the same facts. train.log always gets the plain lines."""
 
-    def __init__(self, cfg: Config, out: Path, stream: TextIO | None = None):
+    def __init__(self, cfg: Config, out: Path, stream: TextIO | None = None, total: int | None = None):
         self.cfg, self.out, self.stream = cfg, Path(out), stream or sys.stdout
         self.log_file = (self.out / run_folder.LOG).open("a")
         self.started = time.time()
-        self.total = cfg.iters + (cfg.pretrain_iters if cfg.base == "bcp" else 0)
+        self.total = total or cfg.iters + (cfg.pretrain_iters if cfg.base == "bcp" else 0)
         self.last_val: float | None = None
         self.bar = None
         if getattr(self.stream, "isatty", lambda: False)():
@@ -68,6 +68,13 @@ class LocalReporter(Reporter):
     def warn(self, step: int, message: str) -> None:
         self._say(f"WARNING it {step}: {message}")
 
+    def close(self) -> None:
+        """Ends the progress line and the log (a run that stops before `finish`: pre-training only)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.log_file.close()
+
     def finish(self, metrics: dict, best_weights: dict) -> None:
         if not (self.out / run_folder.BEST).exists():  # no validation improved: keep the final weights
             run_folder.write_best(self.out, best_weights, self.cfg, metrics["iterations"], float("nan"))
@@ -76,5 +83,6 @@ class LocalReporter(Reporter):
             self.bar.close()
             self.bar = None
         self._say("test " + fmt({k: metrics[k] for k in ("dice", "jaccard", "hd95", "asd")})
-                  + f" empty_predictions={metrics['empty_predictions']}/{metrics['structures']}")
+                  + f" empty_predictions={metrics['empty_predictions']}/{metrics['structures']}"
+                  + (f" (last iterate: dice={metrics['last']['dice']:.4g})" if "last" in metrics else ""))
         self.log_file.close()

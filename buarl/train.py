@@ -9,12 +9,16 @@
             supervised: labeled images only
             mt:  labeled + unlabeled images side by side (pseudo-labels, or MSE to the teacher)
             bcp: copy-paste mixes (one box mask for images, targets, U)
-        weights: labeled pixels 1 + lambda_url [U > tau_l]  (URL)
-                 unlabeled pixels lambda_crl ramp(t) [U < tau_u]  (CRL)
+        weights: labeled pixels 1 + lambda_url [U > tau_l]  (URL; url_mode=term: weight 1
+                 and a term of its own on [U > tau_l]); unlabeled pixels
+                 lambda_crl ramp(t) [U < tau_u]  (CRL; crl_mode=soft: lambda_crl ramp(t) (1 - U))
         loss = (weighted CE + weighted Dice) / 2 per source region; SGD step; EMA teacher
         every eval_every: val Dice and foreground fraction, checkpoint to the reporter,
         keep the best weights, warn when val Dice falls below half its best (a collapse)
-    test metrics of the best weights
+    test metrics of the best weights (BCP's result) and of the last iterate
+
+A run may start from a state handed over at the end of pre-training (`start`, from
+buarl.pretraining): one pre-training shared by every self-training of the same settings.
 
 The loop does not know who listens: a `Reporter` receives logs and checkpoints and may
 hand back a state to resume from. The console/file reporter lives here; the Ray reporter
@@ -35,12 +39,13 @@ from buarl.data import load_benchmark
 from buarl.data.sampling import TwoStreamSampler
 from buarl.errors import TrainingDiverged
 from buarl.evaluate import evaluate, validation_scores
-from buarl.method.losses import mse_consistency, region_loss
+from buarl.method.losses import mse_consistency, region_loss, term_loss
 from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import pseudo_labels
 from buarl.method.teacher import decay_at, ema_update, make_teacher
 from buarl.method.uncertainty import entropy_map, mc_probs, perturb
-from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
+from buarl.method.weights import (crl_share, crl_weights, high_region, ramp, tau_u_at, url_term_region,
+                                  url_weights)
 from buarl.nets import build
 from buarl.nets.chunk_norm import norms_of, per_chunk
 from buarl.runtime import (autocast, compile_mode_of, compiled, device_of, memory_format, precision_of,
@@ -117,8 +122,9 @@ def lr_at(cfg: Config, t: int, stage_iters: int, stage: str = "self") -> float:
 
 
 class Loop:
-    def __init__(self, cfg: Config, reporter: Reporter, wrap: Callable[[nn.Module], nn.Module], data=None):
-        self.cfg, self.reporter = cfg, reporter
+    def __init__(self, cfg: Config, reporter: Reporter, wrap: Callable[[nn.Module], nn.Module], data=None,
+                 start: Optional[dict] = None):
+        self.cfg, self.reporter, self.start = cfg, reporter, start
         self.rank, self.world = _rank()
         self.device = device_of(cfg)
         self.data = data if data is not None else load_benchmark(cfg)
@@ -210,25 +216,38 @@ class Loop:
         return upload([tau_u_at(t_self, cfg.rampup_iters, cfg.tau_u, cfg.tau_u_start),
                        ramp(t_self, cfg.rampup_iters)], self.device)
 
-    def weights(self, u: torch.Tensor, source: torch.Tensor, schedule: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Per-pixel weights: URL on labeled pixels (source 1), CRL on unlabeled (source 0)."""
+    def weights(self, u: torch.Tensor, source: torch.Tensor,
+                schedule: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+        """Per-pixel weights: URL on labeled pixels (source 1), CRL on unlabeled (source 0);
+        the region of URL's own term (url_mode=term, else None); the dose: the share of
+        labeled pixels in H (frac_high), of unlabeled pixels in L (frac_low) and the mean
+        share of an unlabeled pixel's pseudo-label CRL keeps (crl_share)."""
         cfg = self.cfg
         tau_u, ramp_value = schedule[0], schedule[1]
-        w_lab = url_weights(u, cfg.url, cfg.tau_l, cfg.lambda_url, cfg.region_mode)
-        w_unl = crl_weights(u, cfg.crl, tau_u, cfg.lambda_crl, ramp_value, cfg.region_mode)
-        w = source * w_lab + (1 - source) * w_unl
-        lab_area, unl_area = source.sum().clamp(min=1), (1 - source).sum().clamp(min=1)
-        stats = {"frac_high": (high_region(u, cfg.tau_l, cfg.region_mode) * source).sum() / lab_area,
-                 "frac_low": (low_region(u, tau_u, cfg.region_mode) * (1 - source)).sum() / unl_area}
-        return w, stats
+        unlabeled = 1 - source
+        w_lab = url_weights(u, cfg.url, cfg.tau_l, cfg.lambda_url, cfg.region_mode, source, cfg.url_mode)
+        w_unl = crl_weights(u, cfg.crl, tau_u, cfg.lambda_crl, ramp_value, cfg.region_mode, unlabeled, cfg.crl_mode)
+        w = source * w_lab + unlabeled * w_unl
+        term = url_term_region(u, cfg.tau_l, cfg.region_mode, source) if cfg.url and cfg.url_mode == "term" else None
+        lab_area, unl_area = source.sum().clamp(min=1), unlabeled.sum().clamp(min=1)
+        stats = {"frac_high": (high_region(u, cfg.tau_l, cfg.region_mode, source) * source).sum() / lab_area,
+                 "frac_low": (crl_share(u, True, tau_u, cfg.region_mode, unlabeled) * unlabeled).sum() / unl_area,
+                 "crl_share": (crl_share(u, cfg.crl, tau_u, cfg.region_mode, unlabeled, cfg.crl_mode)
+                               * unlabeled).sum() / unl_area}
+        return w, term, stats
 
     # ---- one iteration per base ----------------------------------------------------------
     def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
         with autocast(self.cfg, self.device):
             return self.student(x.contiguous(memory_format=self.fmt), chunks).float()
 
-    def loss(self, logits, target, weight, source, parts: int = 1) -> torch.Tensor:
-        return self.region_loss(logits, target, weight, source, self.cfg.dice_smooth, self.cfg.dice_form, parts)
+    def loss(self, logits, target, weight, source, parts: int = 1, term: Optional[torch.Tensor] = None):
+        """BCP's loss per source region; plus lambda_url times URL's own term on `term`'s pixels."""
+        cfg = self.cfg
+        loss = self.region_loss(logits, target, weight, source, cfg.dice_smooth, cfg.dice_form, parts)
+        if term is not None:
+            loss = loss + cfg.lambda_url * term_loss(logits, target, term, cfg.dice_smooth, cfg.dice_form, parts)
+        return loss
 
     def pretrain_step(self, x_l, y_l):
         """BCP pre-training: labeled pairs copy-pasted into each other, both regions supervised
@@ -245,8 +264,8 @@ class Loop:
         logits = self.forward(x_l)
         source = torch.ones(y_l.shape, device=x_l.device)
         u = self.uncertainty(x_l, logits) if self.cfg.url else torch.zeros_like(source)
-        w, stats = self.weights(u, source, self.schedule(t))
-        return self.loss(logits, y_l, w, source), stats
+        w, term, stats = self.weights(u, source, self.schedule(t))
+        return self.loss(logits, y_l, w, source, term=term), stats
 
     def uncertainty(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.uncertainty_source == "student":
@@ -272,12 +291,13 @@ class Loop:
             u_l = entropy_map(probs_t[:n]) if cfg.url else u_u.new_zeros((n,) + u_u.shape[1:])
             u = torch.cat([u_l, u_u])
         source = torch.cat([torch.ones_like(u[:n]), torch.zeros_like(u[n:])])
-        w, stats = self.weights(u, source, self.schedule(t))
+        w, term, stats = self.weights(u, source, self.schedule(t))
         if cfg.mt_consistency == "mse":
-            return self.loss(logits[:n], y_l, w[:n], source[:n]) + mse_consistency(logits[n:], p_u, w[n:]), stats
+            return (self.loss(logits[:n], y_l, w[:n], source[:n], term=None if term is None else term[:n])
+                    + mse_consistency(logits[n:], p_u, w[n:])), stats
         plab = pseudo_labels(p_u, cfg.pseudo_lcc, cfg.lcc_connectivity, compiled=self.compile_rest)
         stats["pseudo_fg"] = (plab > 0).float().mean()
-        return self.loss(logits, torch.cat([y_l, plab]), w, source), stats
+        return self.loss(logits, torch.cat([y_l, plab]), w, source, term=term), stats
 
     def bcp_step(self, x_l, y_l, x_u, t):
         """Bidirectional copy-paste: a labeled box into an unlabeled image and vice versa."""
@@ -297,19 +317,20 @@ class Loop:
         schedule = self.schedule(t)
         # With the student's U the weights wait for the student's logits.
         student_u = cfg.uncertainty_source == "student"
-        x, target, source, w, stats = self.bcp_batch(x_l, y_l, x_u, p_u, p_l, plab, m,
-                                                     None if student_u else schedule)
+        x, target, source, w, term, stats = self.bcp_batch(x_l, y_l, x_u, p_u, p_l, plab, m,
+                                                           None if student_u else schedule)
         logits = self.forward(x, chunks)
         if student_u:
-            w, weight_stats = self.weights(entropy_map(torch.softmax(logits.detach(), 1)), source, schedule)
+            w, term, weight_stats = self.weights(entropy_map(torch.softmax(logits.detach(), 1)), source, schedule)
             stats.update(weight_stats)
         # Two mixed batches, each its own mix loss as in BCP.
-        return self.loss(logits, target, w, source, parts=2), stats
+        return self.loss(logits, target, w, source, parts=2, term=term), stats
 
     def bcp_batch_eager(self, x_l, y_l, x_u, p_u, p_l, plab, m, schedule):
         """The student's copy-paste batch: images, targets (pseudo-labels outside the labeled
         box), the source map and, given a `schedule`, the weights from the teacher's mixed
-        uncertainty (the labeled images' zero without `p_l`) with their stats (None without).
+        uncertainty (the labeled images' zero without `p_l`), URL's term region and the
+        stats (None without).
         Tensor code only: `self.bcp_batch` is this function compiled into one graph in a
         compiled run."""
         h = x_l.shape[0] // 2
@@ -318,28 +339,51 @@ class Loop:
         target = torch.cat([mix(plab[:h], y_l[:h], m), mix(y_l[h:], plab[h:], m)]).long()
         ones = torch.ones_like(plab[:h], dtype=torch.float)
         source = torch.cat([mix(0 * ones, ones, m), mix(ones, 0 * ones, m)])
-        w, stats = None, {}
+        w, term, stats = None, None, {}
         if schedule is not None:
             u_u = entropy_map(p_u)
             u_l = entropy_map(p_l) if p_l is not None else torch.zeros_like(u_u)
             u = torch.cat([mix(u_u[:h], u_l[:h], m), mix(u_l[h:], u_u[h:], m)])
-            w, stats = self.weights(u, source, schedule)
+            w, term, stats = self.weights(u, source, schedule)
         stats["pseudo_fg"] = (plab > 0).float().mean()
-        return x, target, source, w, stats
+        return x, target, source, w, term, stats
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> dict:
+        """The whole run (from the start state, if one was given), then the test metrics of
+        the best-on-validation weights and, under `last`, of the last iterate."""
+        started = time.time()
+        self.steps(until=self.total)
+        weights = self.best["weights"] or copy.deepcopy(self.core.state_dict())
+        final_model = copy.deepcopy(self.core)
+        final_model.load_state_dict(weights)
+        metrics = evaluate(final_model, self.data.test, self.cfg, self.device)
+        metrics["last"] = evaluate(copy.deepcopy(self.core), self.data.test, self.cfg, self.device)
+        metrics.update(best_val_dice=self.best["dice"], best_step=self.best["step"],
+                       iterations=self.step, train_seconds=time.time() - started)
+        self.reporter.finish(metrics, weights)
+        return metrics
+
+    def run_pretraining(self) -> dict:
+        """Pre-training alone; returns the state it hands over to self-training."""
+        self.steps(until=self.pretrain)
+        return self.state()
+
+    def steps(self, until: int) -> None:
+        """Iterations up to `until`, resumed from the reporter's state, else from `start`."""
         cfg, data = self.cfg, self.data
         restored = self.reporter.restore()
         if restored is not None:
             self.load(restored)
-        started = time.time()
-        if self.compile != "none" and self.step < self.total:
+        elif self.start is not None:
+            self.load(self.start)
+        started, first = time.time(), self.step
+        if self.compile != "none" and self.step < until:
             print(f"buarl: compiling the training forwards (torch.compile mode {self.compile}); the first "
                   "iterations take a minute or so (compile=none turns it off)", file=sys.stderr, flush=True)
         self.student.train()
         running: dict[str, torch.Tensor] = {}
-        while self.step < self.total:
+        while self.step < until:
             t = self.step
             stage = "pretrain" if t < self.pretrain else "self"
             if t == self.pretrain and self.pretrain:
@@ -389,19 +433,10 @@ class Loop:
                     raise TrainingDiverged(f"loss became {scalars['loss']} by iteration {self.step} "
                                            f"(lr={cfg.lr}); lower the learning rate")
                 scalars.update(lr=lr, stage=stage, ramp=ramp(max(0, t - self.pretrain), cfg.rampup_iters),
-                               it_per_s=self.step / max(time.time() - started, 1e-9))
+                               it_per_s=(self.step - first) / max(time.time() - started, 1e-9))
                 self.reporter.log(self.step, scalars)
             if self.step % cfg.eval_every == 0 or self.step in (self.pretrain, self.total):
                 self.validate(stage)
-
-        weights = self.best["weights"] or copy.deepcopy(self.core.state_dict())
-        final_model = copy.deepcopy(self.core)
-        final_model.load_state_dict(weights)
-        metrics = evaluate(final_model, data.test, cfg, self.device)
-        metrics.update(best_val_dice=self.best["dice"], best_step=self.best["step"],
-                       iterations=self.step, train_seconds=time.time() - started)
-        self.reporter.finish(metrics, weights)
-        return metrics
 
     def start_self_training(self) -> None:
         """BCP: student and teacher start from the best pre-training checkpoint (ACDC: with
@@ -436,8 +471,10 @@ class Loop:
 
 
 def train(cfg: Config, reporter: Optional[Reporter] = None,
-          wrap: Callable[[nn.Module], nn.Module] = lambda m: m, data=None) -> dict:
-    """Run one configuration to the end; returns the test metrics of the best checkpoint."""
+          wrap: Callable[[nn.Module], nn.Module] = lambda m: m, data=None, start: Optional[dict] = None) -> dict:
+    """Run one configuration to the end, from `start` (a state handed over at the end of
+    pre-training, buarl.pretraining) if given; returns the test metrics of the best
+    checkpoint, those of the last iterate under `last`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return Loop(cfg, reporter or Reporter(), wrap, data).run()
+    return Loop(cfg, reporter or Reporter(), wrap, data, start).run()

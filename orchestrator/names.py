@@ -4,6 +4,7 @@ TAG_ROLE = "buarl.role"              # "sweep" (the parent run) or "trial"
 TAG_TRIAL = "buarl.trial_id"
 TAG_SWEEP = "buarl.sweep"
 TAG_POINT = "buarl.grid_point"
+TAG_ROW = "buarl.row"                # a grid switch's row name (the tables' method column)
 TAG_DIGEST = "buarl.code_digest"
 TAG_VERSION = "buarl.code_version"
 PARENT = "mlflow.parentRunId"

@@ -56,6 +56,11 @@ class Categorical(_Strict):
 Distribution = Annotated[Union[Uniform, LogUniform, IntRange, Categorical], Field(discriminator="type")]
 
 
+# A switch's `row`: the name its trials carry into the tables (tag buarl.row), for rows that
+# the config keys alone do not name (BUARL at its defaults and at searched settings, say).
+ROW = "row"
+
+
 class Grid(_Strict):
     labeled: list[int] = Field(min_length=1)
     seed: list[int] = Field(default_factory=lambda: [1337], min_length=1)
@@ -98,6 +103,10 @@ class Space(_Strict):
     scheduler: Optional[Scheduler] = None
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(2, ge=0)
+    # BCP's pre-training once per distinct (data, labeled, seed, pre-training settings, code),
+    # every trial of that key forked from it (orchestrator/pretrainings.py); false: each
+    # trial pre-trains itself.
+    shared_pretraining: bool = True
 
     @model_validator(mode="after")
     def _bounds(self) -> "Space":
@@ -165,8 +174,10 @@ def _check_against_config(space: Space, path: Path) -> None:
             if key not in fields:
                 raise SpaceError(f"{path}: {section}.{key}: unknown parameter (not a buarl config key)")
     for i, sw in enumerate(space.grid.switches):
+        if ROW in sw and (not isinstance(sw[ROW], str) or not sw[ROW].strip()):
+            raise SpaceError(f"{path}: grid.switches[{i}].{ROW}: expected a row name (text), got {sw[ROW]!r}")
         for key in sw:
-            if key not in fields:
+            if key != ROW and key not in fields:
                 raise SpaceError(f"{path}: grid.switches[{i}].{key}: unknown parameter")
     if space.metric not in REPORTED_METRICS:
         raise SpaceError(f"{path}: metric: {space.metric!r} is not a metric the trials report "
@@ -176,6 +187,7 @@ def _check_against_config(space: Space, path: Path) -> None:
 class GridPoint(BaseModel):
     name: str
     values: dict[str, Any]  # constants of this point: labeled, seed, switches
+    row: Optional[str] = None  # the switch's row name for the tables
 
 
 class Plan(BaseModel):
@@ -223,7 +235,8 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
     base["data_root"] = data_root
     points = []
     for labeled, seed, switches in itertools.product(space.grid.labeled, space.grid.seed, space.grid.switches):
-        values = {"labeled": labeled, "seed": seed, **switches}
+        row = switches.get(ROW)
+        values = {"labeled": labeled, "seed": seed, **{k: v for k, v in switches.items() if k != ROW}}
         probe = {**base, **values}
         for key, dist in space.search.items():  # any sample must make a valid config
             probe[key] = dist.choices[0] if isinstance(dist, Categorical) else dist.low
@@ -231,7 +244,8 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
             validate(probe, source=f"{space_file}: grid point {point_name(values)}")
         except ConfigError as e:
             raise SpaceError(str(e)) from None
-        points.append(GridPoint(name=point_name(values), values=values))
+        name = point_name(values) if row is None else f"{point_name({'labeled': labeled, 'seed': seed})}_row={row}"
+        points.append(GridPoint(name=name.replace(" ", "-"), values=values, row=row))
     plan = Plan(space=space, space_file=str(space_file), phantom=phantom, base=base, points=points,
                 num_samples=num_samples or space.num_samples, max_concurrent=max_concurrent, threads_per_worker=1)
     if space.resources.workers * space.resources.cpus_per_worker <= cpus:

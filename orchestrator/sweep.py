@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
 from buarl.errors import BuarlError  # noqa: E402
 from orchestrator.ray_env import (apply_env_defaults, env_while, live_local_cluster,  # noqa: E402
                                   local_cluster_env, worker_runtime_env, write_bootstrap)
-from orchestrator import studies  # noqa: E402
+from orchestrator import pretrainings, studies  # noqa: E402
 from orchestrator.redaction import redact  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
@@ -268,7 +268,7 @@ def progress_reporter(plan: Plan):
 
 
 def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, parent_id: str, resume: bool,
-              digest: str, data: Optional[tuple] = None):
+              digest: str, data: Optional[tuple] = None, pretrained: Optional[tuple] = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -279,8 +279,10 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
 
     s, r = plan.space, plan.space.resources
     base = {**plan.base, **point.values, "threads": plan.threads_per_worker}
+    done, runs = pretrained or ({}, {})
     trainable = tune.with_parameters(run_trial, base=base, storage=f"{storage}/{sweep}/train",
-                                     resources=r.model_dump(), max_failures=s.max_failures, data=data)
+                                     resources=r.model_dump(), max_failures=s.max_failures, data=data,
+                                     pretrained=done)
     if r.loop_in_trial:  # the trial runs the loop: it holds the worker's CPUs and GPU share
         trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
     else:
@@ -288,7 +290,8 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
         # Tune's default 1 CPU for it would halve how many trials fit on a small machine. A
         # placement group needs some resource: the waiting process's memory is the true one.
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
-    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest)
+    callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest, pretrained_runs=runs,
+                            row=point.row)
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
                                 progress_reporter=progress_reporter(plan), verbose=1,
@@ -459,10 +462,16 @@ def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, pa
     from orchestrator.tracking import close_model_exports
     results, status = {}, "FINISHED"
     try:
+        keys, forked, _ = pretrainings.plan(plan)
+        pretrained = ({}, {})
+        if keys:
+            print(f"\n=== shared pre-training: {len(keys)} ===", flush=True)
+            pretrained = pretrainings.run_all(keys, storage, sweep, shared, forked, plan.space.resources,
+                                              client, exp_id, parent)
         for point in plan.points:
             print(f"\n=== grid point {point.name} ===", flush=True)
             results[point.name] = run_point(plan, point, sweep, storage, client, exp_id, parent, args.resume, digest,
-                                            shared.get(point.name))
+                                            shared.get(point.name), pretrained if point.name in forked else None)
     except KeyboardInterrupt:
         status = "KILLED"
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
@@ -498,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         plan, sweep = prepare(args)
-        print(describe(plan), flush=True)
+        print("\n".join([describe(plan), *pretrainings.describe(*pretrainings.plan(plan),
+                                                                 plan.trials_per_point)]), flush=True)
         if args.dry_run:
             return 0
         loaded = locate_data(plan)

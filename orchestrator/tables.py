@@ -5,7 +5,11 @@ runs (mlflow.search_runs -> pandas) -> one FINISHED run per trial -> one run per
   comparison: methods x label ratio, Dice % / Jaccard % / 95HD / ASD, mean ± std over seeds,
               best of ours in bold, published numbers in their own labelled rows;
   ablation:   URL / CRL marks over the BCP base, gain over the base row, paired t-test;
+  paired:     every row against BCP over the seeds both ran: mean paired difference with its
+              95 % interval, paired t and Wilcoxon signed-rank tests, the dose; forest plot;
   sensitivity: val/test Dice against each searched parameter; parallel coordinates.
+Test metrics are those of the best-on-validation checkpoint (BCP's way), or with
+`--checkpoint last` of the last iterate; every output says which.
 Each table as Markdown, LaTeX (booktabs) and CSV, with a README naming the sweep command.
 """
 from __future__ import annotations
@@ -25,6 +29,12 @@ from buarl.errors import BuarlError  # noqa: E402
 METRICS = [("dice", "Dice %", 100.0, "max"), ("jaccard", "Jaccard %", 100.0, "max"),
            ("hd95", "95HD", 1.0, "min"), ("asd", "ASD", 1.0, "min")]
 SEARCHABLE = ["tau_l", "tau_u", "lambda_url", "lambda_crl", "ema_decay", "rampup_iters"]
+READINGS = ["region_mode", "url_mode", "crl_mode"]  # categorical switches, listed per trial
+# the dose: share of labeled pixels URL up-weights, of unlabeled pixels under tau_u, and the
+# mean share of a pseudo-label CRL keeps (each the last log window's mean)
+DOSE = {"metrics.train_frac_high": "frac_high", "metrics.train_frac_low": "frac_low",
+        "metrics.train_crl_share": "crl_share"}
+CHECKPOINTS = {"best": "best-on-validation checkpoint", "last": "last iterate"}
 METHOD_ORDER = ["Supervised", "MT", "MT+URL", "MT+CRL", "MT+URL+CRL",
                 "MT-MSE", "MT-MSE+URL", "MT-MSE+CRL", "MT-MSE+URL+CRL", "BCP", "BCP+URL", "BCP+CRL", "BUARL"]
 PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "reference" / "published.csv"
@@ -71,6 +81,9 @@ def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     consistency = trials.get("params.mt_consistency", pd.Series("pseudo", index=trials.index)).fillna("pseudo")
     trials["method"] = [method_name(b, _bool(u), _bool(c), m) for b, u, c, m in
                         zip(trials["params.base"], trials["params.url"], trials["params.crl"], consistency)]
+    if "tags.buarl.row" in trials:  # a grid switch's own row name (space.ROW) wins
+        named = trials["tags.buarl.row"].notna() & (trials["tags.buarl.row"].astype(str) != "")
+        trials.loc[named, "method"] = trials.loc[named, "tags.buarl.row"]
     trials["labeled"] = trials["params.labeled"].astype(int)
     trials["seed"] = trials["params.seed"].astype(int)
     trials["dataset"] = trials["params.dataset"]
@@ -213,16 +226,93 @@ def ablation(chosen: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def use_checkpoint(trials: pd.DataFrame, checkpoint: str) -> pd.DataFrame:
+    """The trials with `metrics.test_*` holding the chosen checkpoint's test metrics: the
+    best-on-validation one as logged, or the last iterate's `test_last_*` in their place.
+    Trials that predate the last iterate's metrics are refused by name."""
+    if checkpoint == "best":
+        return trials
+    last = [c for c in trials.columns if c.startswith("metrics.test_last_")]
+    missing = trials[trials["metrics.test_last_dice"].isna()] if "metrics.test_last_dice" in trials else trials
+    if len(missing):
+        raise TablesError(f"--checkpoint last: {len(missing)} trial run(s) have no last-iterate test metrics "
+                          f"(test_last_dice), e.g. run {missing['run_id'].iloc[0]}: use --checkpoint best")
+    out = trials.copy()
+    for col in last:
+        out["metrics.test_" + col.removeprefix("metrics.test_last_")] = out[col]
+    return out
+
+
+def paired(chosen: pd.DataFrame, reference: str = "BCP") -> pd.DataFrame:
+    """Every row against `reference` over the seeds both ran at one label ratio: the mean
+    paired difference of test Dice (points) with its 95 % t interval, the paired t-test and
+    the Wilcoxon signed-rank test (exact for small n), and each row's dose."""
+    from scipy import stats
+    rows = []
+    for labeled, g in chosen.groupby("labeled"):
+        base = g[g["method"] == reference].set_index("seed")["metrics.test_dice"].astype(float) * 100
+        if base.empty:
+            continue
+        for method, part in g[g["method"] != reference].groupby("method", sort=False):
+            dice = part.set_index("seed")["metrics.test_dice"].astype(float) * 100
+            common = sorted(set(base.index) & set(dice.index))
+            diff = (dice.loc[common] - base.loc[common]).to_numpy()
+            n = len(diff)
+            row = {"labeled": labeled, "method": method, "vs": reference, "n_seeds": n,
+                   "Dice": dice.loc[common].mean() if n else np.nan,
+                   f"{reference} Dice": base.loc[common].mean() if n else np.nan,
+                   "Δ mean": diff.mean() if n else np.nan, "Δ sd": diff.std(ddof=1) if n > 1 else np.nan,
+                   "CI low": np.nan, "CI high": np.nan, "p (paired t)": np.nan, "p (Wilcoxon)": np.nan,
+                   "wins": int((diff > 0).sum())}
+            if n > 1:
+                half = stats.t.ppf(0.975, n - 1) * row["Δ sd"] / np.sqrt(n)
+                row["CI low"], row["CI high"] = row["Δ mean"] - half, row["Δ mean"] + half
+                if row["Δ sd"] > 0:
+                    row["p (paired t)"] = float(stats.ttest_rel(dice.loc[common], base.loc[common]).pvalue)
+                if np.any(diff != 0):
+                    row["p (Wilcoxon)"] = float(stats.wilcoxon(diff).pvalue)
+            for col, name in DOSE.items():
+                row[name] = part[col].astype(float).mean() if col in part else np.nan
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["order"] = out["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
+    return out.sort_values(["labeled", "order", "method"]).drop(columns="order").reset_index(drop=True)
+
+
+def forest(table: pd.DataFrame, out: Path, checkpoint: str, dataset: str) -> str:
+    """forest.png: each row's mean paired difference to the reference with its 95 % interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r.method}, {ratio_label(dataset, r.labeled)} (n={r.n_seeds})" for r in table.itertuples()]
+    y = np.arange(len(table))[::-1]
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.45 * len(table)))
+    lo = (table["Δ mean"] - table["CI low"]).fillna(0)
+    hi = (table["CI high"] - table["Δ mean"]).fillna(0)
+    ax.errorbar(table["Δ mean"], y, xerr=[lo, hi], fmt="o", capsize=4, color="tab:blue")
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    ax.set_yticks(y, labels)
+    ax.set_xlabel(f"test Dice − {table['vs'].iloc[0]} (points), mean and 95 % interval over seeds")
+    ax.set_title(f"paired over seeds; {CHECKPOINTS[checkpoint]}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "forest.png", dpi=110)
+    plt.close(fig)
+    return "forest.png"
+
+
 def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
     """Every counted trial with its MLflow run id, so each table cell can be traced back."""
     cols = {"run_id": "run_id", "tags.buarl.sweep": "sweep", "method": "method", "labeled": "labeled",
-            "seed": "seed", **{f"params.{p}": p for p in SEARCHABLE},
+            "seed": "seed", **{f"params.{p}": p for p in SEARCHABLE + READINGS},
             "metrics.best_val_dice": "best_val_dice", "metrics.best_step": "best_step",
             **{f"metrics.test_{k}": f"test_{k}" for k, *_ in METRICS},
             "metrics.test_empty_predictions": "empty_predictions", "metrics.test_structures": "structures",
-            # share of labeled pixels URL up-weights / unlabeled pixels CRL keeps, last log step
-            "metrics.train_frac_high": "frac_high", "metrics.train_frac_low": "frac_low",
-            "metrics.train_seconds": "train_seconds", "tags.buarl.code_digest": "code_digest"}
+            "metrics.test_last_dice": "test_last_dice", **DOSE,
+            "metrics.train_seconds": "train_seconds", "tags.buarl.code_digest": "code_digest",
+            "tags.buarl.pretrained_run": "pretrained_run"}
     present = {k: v for k, v in cols.items() if k in trials}
     out = trials[list(present)].rename(columns=present)
     # train_seconds restarts with a resumed worker; the run's own span covers the restarts
@@ -245,11 +335,18 @@ def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool, csv: bool =
     flat = df.copy()
     if isinstance(flat.columns, pd.MultiIndex):
         flat.columns = [" ".join(c) for c in flat.columns]
-    for col, fmt, missing in (("Δ Dice vs BCP", "{:+.2f}", "–"), ("p (paired t)", "{:.3f}", "n/a")):
+    for col, fmt, missing in (("Δ Dice vs BCP", "{:+.2f}", "–"), ("p (paired t)", "{:.3f}", "n/a"),
+                              ("Δ mean", "{:+.2f}", "–"), ("Δ sd", "{:.2f}", "–"), ("CI low", "{:+.2f}", "–"),
+                              ("CI high", "{:+.2f}", "–"), ("p (Wilcoxon)", "{:.3f}", "n/a"),
+                              ("frac_high", "{:.3f}", "–"), ("frac_low", "{:.3f}", "–"),
+                              ("crl_share", "{:.3f}", "–")):
         if col in flat:
             flat[col] = flat[col].map(lambda v, f=fmt, m=missing: m if pd.isna(v) else f.format(v))
-    flat = flat.map(lambda v: "–" if isinstance(v, float) and np.isnan(v) else v)
-    (out / f"{stem}.md").write_text(flat.to_markdown(index=index, floatfmt=".2f") + "\n")
+    flat = flat.map(lambda v: "–" if isinstance(v, float) and np.isnan(v) else f"{v:.2f}" if isinstance(v, float) else v)
+    # the cells are formatted above: tabulate must not parse "+2.20" or "0.060" back to numbers
+    align = (["left"] if index else []) + ["right" if pd.api.types.is_numeric_dtype(df[c]) or isinstance(
+        df.columns, pd.MultiIndex) or c in df.select_dtypes("number") else "left" for c in df.columns]
+    (out / f"{stem}.md").write_text(flat.to_markdown(index=index, disable_numparse=True, colalign=align) + "\n")
     tex = flat.rename(columns={"Δ Dice vs BCP": r"$\Delta$ Dice vs BCP"}) if not isinstance(df.columns, pd.MultiIndex) \
         else df
     tex = tex.map(_latex_text)
@@ -317,7 +414,7 @@ def plots(trials: pd.DataFrame, out: Path) -> list[str]:
 
 
 def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, parents: list[dict],
-           files: list[str], protocol: str = "") -> str:
+           files: list[str], protocol: str = "", checkpoint: str = "best") -> str:
     dataset = str(trials["dataset"].iloc[0]).upper()
     data = f"{dataset} phantom (built-in, synthetic)" if protocol == "phantom" else \
         f"{dataset} at `{trials['params.data_root'].iloc[0]}`"
@@ -328,6 +425,7 @@ def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, pare
              "Generated by `buarl-tables` from the MLflow runs; do not edit by hand.", "",
              f"- data: {data}; protocol: `{protocol}`; {published}",
              f"- tracking store: `{tracking_uri}`",
+             f"- test metrics of each trial's {CHECKPOINTS[checkpoint]} (`--checkpoint {checkpoint}`)",
              f"- trials counted: {len(trials)} FINISHED (one run per trial)"]
     for p in parents:
         lines.append(f"- sweep `{p.get('name')}`: `{p.get('command')}` (code {p.get('code')})")
@@ -337,16 +435,22 @@ def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, pare
               "(published), where shown, are numbers from `results/reference/published.csv`, not ours. "
               f"† = more than {DEGENERATE:.0%} of the present structures were predicted empty: the "
               "reference policy scores their 95HD / ASD as 0, so that mean is mostly placeholders; "
-              "shown, never bolded. `empty preds` (ablation) = mean count of such misses.", ""]
+              "shown, never bolded. `empty preds` (ablation) = mean count of such misses.", "",
+              "Paired (`paired.*`, `forest.png`): each row minus BCP over the seeds both ran (same seed, "
+              "same pre-training where shared): mean Δ test Dice in points, its 95 % t interval (CI), "
+              "paired t and Wilcoxon signed-rank p, seeds where the row won; the dose is the row's mean "
+              "share of labeled pixels URL up-weights (frac_high), of unlabeled pixels below tau_u "
+              "(frac_low) and of a pseudo-label CRL keeps (crl_share), at the last log step.", ""]
     return "\n".join(lines)
 
 
-def build(experiments: str | list[str], tracking_uri: str, out: Path, published_csv: Path = PUBLISHED) -> list[str]:
+def build(experiments: str | list[str], tracking_uri: str, out: Path, published_csv: Path = PUBLISHED,
+          checkpoint: str = "best") -> list[str]:
     """Experiments run with the same protocol (e.g. a sweep and its continuation under another
     space name) can be pooled: each trial counts once, the best on validation per seed wins."""
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
     runs = search(experiments, tracking_uri)
-    trials = trial_runs(runs, experiments)
+    trials = use_checkpoint(trial_runs(runs, experiments), checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     published = pd.read_csv(published_csv) if published_csv and Path(published_csv).is_file() else None
     chosen = best_per_seed(trials)
@@ -360,6 +464,10 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     if not abl.empty:
         write_table(abl, out, "ablation", index=False)
         files += ["ablation.md", "ablation.tex", "ablation.csv"]
+    pairs = paired(chosen)
+    if not pairs.empty:
+        write_table(pairs, out, "paired", index=False)
+        files += ["paired.md", "paired.tex", "paired.csv", forest(pairs, out, checkpoint, numbers["dataset"].iloc[0])]
     trial_list(trials, chosen).to_csv(out / "trials.csv", index=False)
     files += ["trials.csv"]
     files += plots(trials, out)
@@ -370,7 +478,7 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
         sweeps = sweeps[sweeps["run_id"].isin(trials["tags.mlflow.parentRunId"])]
     parents = [{"name": r.get("tags.buarl.sweep"), "command": r.get("params.command"),
                 "code": r.get("tags.buarl.code_version")} for _, r in sweeps.iterrows()]
-    (out / "README.md").write_text(readme(experiments, tracking_uri, trials, parents, files, protocol))
+    (out / "README.md").write_text(readme(experiments, tracking_uri, trials, parents, files, protocol, checkpoint))
     return files
 
 
@@ -381,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="default sqlite:///$PWD/mlflow.db")
     p.add_argument("--out", help="output folder (default results/<experiment>)")
     p.add_argument("--published", default=str(PUBLISHED), help="published reference numbers (CSV)")
+    p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="best",
+                   help="whose test metrics: the best-on-validation checkpoint (BCP's way) or the last iterate")
     args = p.parse_args(argv)
     uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"  # as the sweep's default
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -388,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out or f"results/{args.experiment[0]}")
     try:
-        files = build(args.experiment, uri, out, Path(args.published))
+        files = build(args.experiment, uri, out, Path(args.published), args.checkpoint)
     except BuarlError as e:
         print(f"buarl-tables: error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from ray.tune import Callback
 
 from buarl import run_folder
 from buarl.errors import BuarlError
-from orchestrator.names import TAG_DIGEST, TAG_POINT, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
+from orchestrator.names import TAG_DIGEST, TAG_POINT, TAG_ROW, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
 from orchestrator.redaction import redact  # noqa: F401 (re-exported)
 
 
@@ -206,8 +206,11 @@ class MlflowTrials(Callback):
     """Driver-side Tune callback: a child run per trial with params, curves and artifacts."""
 
     def __init__(self, client, experiment_id: str, parent_id: str, sweep: str, point: str, base: dict,
-                 digest: Optional[str] = None):
+                 digest: Optional[str] = None, pretrained_runs: Optional[dict] = None, row: Optional[str] = None):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        # shared pre-training hash -> its MLflow run: a forked trial's run links to it
+        self.pretrained_runs = pretrained_runs or {}
+        self.row = row
         self.sweep, self.point, self.base, self.digest = sweep, point, base, digest
         self.runs: dict[str, str] = {}
         self.digests: dict[str, str] = {}
@@ -236,13 +239,31 @@ class MlflowTrials(Callback):
             run = self.client.create_run(
                 self.experiment_id, run_name=f"{self.point}-{trial.trial_id}",
                 tags={"mlflow.parentRunId": self.parent_id, TAG_TRIAL: trial.trial_id,
-                      TAG_SWEEP: self.sweep, TAG_POINT: self.point, "buarl.role": "trial"})
+                      TAG_SWEEP: self.sweep, TAG_POINT: self.point, "buarl.role": "trial",
+                      **({TAG_ROW: self.row} if self.row else {})})
             run_id = run.info.run_id
             params = resolved_params({**self.base, **trial.config})
             from mlflow.entities import Param
             self.client.log_batch(run_id, params=[Param(k, redact(v)[:6000]) for k, v in sorted(params.items())])
+            self._link_pretraining(run_id, params)
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def _link_pretraining(self, run_id: str, params: dict) -> None:
+        """Tags the run with the shared pre-training it forks from (the trial finds the same
+        one by the same hash: orchestrator.trial.shared_start)."""
+        if not self.pretrained_runs:
+            return
+        from buarl.config import validate
+        from buarl.errors import ConfigError
+        from orchestrator.pretrainings import TAG_KEY, TAG_RUN, hash_of
+        try:
+            h = hash_of(validate(params, source="trial config"))
+        except ConfigError:
+            return
+        if h in self.pretrained_runs:
+            self.client.set_tag(run_id, TAG_KEY, h)
+            self.client.set_tag(run_id, TAG_RUN, self.pretrained_runs[h])
 
     def _last_logged(self, run_id: str, keys) -> tuple[int, set[str]]:
         """What a run reopened by --resume already holds: its last step and the keys at it."""
@@ -312,10 +333,10 @@ class MlflowTrials(Callback):
                 best = folder / run_folder.BEST
                 if best.exists():
                     self._export(run_id, best)
-        diverged = bool(last.get("diverged"))
-        if diverged:
-            self.client.set_tag(run_id, "buarl.status", "diverged")
-        self.client.set_terminated(run_id, status="FAILED" if diverged else "FINISHED")
+        failed = "diverged" if last.get("diverged") else "pre-training failed" if last.get("failed") else None
+        if failed:
+            self.client.set_tag(run_id, "buarl.status", failed)
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
     def _export(self, run_id: str, best: Path) -> None:
         from buarl.checkpoint import read

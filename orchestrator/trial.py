@@ -39,13 +39,16 @@ def code_digest() -> str:
     return source_digest(*PACKAGES)
 
 
-def flat_test_metrics(metrics: dict) -> dict[str, float]:
-    """metrics.json -> flat `test_*` scalars (means and per class)."""
-    out = {f"test_{k}": float(metrics[k]) for k in ("dice", "jaccard", "hd95", "asd")}
+def flat_test_metrics(metrics: dict, prefix: str = "test_") -> dict[str, float]:
+    """metrics.json -> flat `test_*` scalars (means and per class) of the best-on-validation
+    weights, and `test_last_*` of the last iterate where metrics.json has them."""
+    out = {f"{prefix}{k}": float(metrics[k]) for k in ("dice", "jaccard", "hd95", "asd")}
     for name, values in metrics["per_class"].items():
-        out.update({f"test_{k}_{name}": float(v) for k, v in values.items()})
-    out["test_empty_predictions"] = float(metrics["empty_predictions"])
-    out["test_structures"] = float(metrics["structures"])
+        out.update({f"{prefix}{k}_{name}": float(v) for k, v in values.items()})
+    out[f"{prefix}empty_predictions"] = float(metrics["empty_predictions"])
+    out[f"{prefix}structures"] = float(metrics["structures"])
+    if isinstance(metrics.get("last"), dict):
+        out.update(flat_test_metrics(metrics["last"], prefix + "last_"))
     return out
 
 
@@ -215,12 +218,36 @@ def trial_data(cfg: Config, shared: Optional[tuple]):
     return load_benchmark(cfg)
 
 
-def run_loop(cfg: Config, api, wrap: Callable = lambda m: m, shared: Optional[tuple] = None) -> None:
-    """buarl's loop with a RayReporter on `api` (ray.train or ray.tune). A diverged trial ends
-    early with its reason; it is not retried (it would diverge again)."""
+def shared_start(cfg: Config, pretrained: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """(the state this trial forks from, or why it cannot run): the sweep's pre-training of
+    this trial's key (orchestrator.pretrainings), found by the hash of its settings and this
+    worker's code; (None, None) when there is none (the trial pre-trains itself)."""
+    from buarl import pretraining
+    from orchestrator.pretrainings import hash_of, read_state
+    if not pretrained or not pretraining.forks(cfg):
+        return None, None
+    entry = pretrained.get(hash_of(cfg))
+    if entry is None:
+        return None, None
+    if "error" in entry:
+        return None, entry["error"]
+    path = entry["path"]
+    return pretraining.start_state(cfg, read_state(path), path), None
+
+
+def run_loop(cfg: Config, api, wrap: Callable = lambda m: m, shared: Optional[tuple] = None,
+             pretrained: Optional[dict] = None) -> None:
+    """buarl's loop with a RayReporter on `api` (ray.train or ray.tune), forked from the
+    sweep's shared pre-training when it has one for this trial. A diverged trial, or one
+    whose pre-training failed, ends early with its reason; it is not retried (it would fail
+    again)."""
     data = trial_data(cfg, shared)
+    start, failed = shared_start(cfg, pretrained)
+    if failed:
+        api.report({"failed": 1, "stop_reason": failed, "val_dice": 0.0, "best_val_dice": 0.0, "done": 1})
+        return
     try:
-        train(cfg, RayReporter(cfg, data.val or data.test, api), wrap=wrap, data=data)
+        train(cfg, RayReporter(cfg, data.val or data.test, api), wrap=wrap, data=data, start=start)
     except TrainingDiverged as e:
         api.report({"diverged": 1, "stop_reason": str(e), "val_dice": 0.0, "best_val_dice": 0.0, "done": 1})
 
@@ -239,9 +266,10 @@ def train_worker(loop_config: dict) -> None:
 
 
 def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failures: int,
-              data: Optional[tuple] = None) -> None:
+              data: Optional[tuple] = None, pretrained: Optional[dict] = None) -> None:
     """The Tune function trainable: the loop itself (one worker), or one TorchTrainer per
-    trial, resumable by its name. `data`: the driver's loaded dataset (trial_data)."""
+    trial, resumable by its name. `data`: the driver's loaded dataset (trial_data);
+    `pretrained`: the sweep's shared pre-trainings (shared_start)."""
     from ray import tune
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -252,7 +280,7 @@ def run_trial(config: dict, base: dict, storage: str, resources: dict, max_failu
         # the loop in this Tune trial's own process, which holds the trial's CPUs and GPU share
         # (Ray sets CUDA_VISIBLE_DEVICES); Tune keeps its checkpoints and restarts it from the
         # last one after a failure
-        return run_loop(validate(values, source="trial config"), tune, shared=data)
+        return run_loop(validate(values, source="trial config"), tune, shared=data, pretrained=pretrained)
     trial_id = tune.get_context().get_trial_id()
     gpus = resources["gpus_per_worker"]
     worker_res = {"CPU": resources["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}

@@ -122,3 +122,34 @@ def test_metrics_run_without_importing_medpy():
             "print(sorted(k for k in sys.modules if k.split('.')[0] == 'medpy' or k == 'scipy.stats'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_la_largest_component_applies_to_the_test_evaluation_not_to_validation():
+    """BCP's test_LA.py keeps the largest component (--nms 1); its training validation
+    (var_all_case_LA) scores the raw prediction. A model that predicts foreground exactly where
+    the image is positive, on a case whose two blobs are both labeled: validation Dice 1, the
+    test evaluation with la_lcc drops the smaller blob."""
+    import torch
+
+    from buarl.config import load_config
+    from buarl.data.types import Case
+    from buarl.evaluate import evaluate, validation_scores
+
+    class Sign(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return torch.cat([-x, x], 1) * self.w
+
+    image = -np.ones((20, 20, 16), np.float32)
+    image[2:8, 2:8, 2:8] = 1
+    image[12:15, 12:15, 10:13] = 1
+    label = (image > 0).astype(np.uint8)
+    cfg = load_config("phantom_la", {"patch_size": [16, 16, 16], "la_stride_xy": 8, "la_stride_z": 8,
+                                     "la_lcc": True, "precision": "fp32"})
+    case = Case(name="two_blobs", image=image, label=label)
+    assert validation_scores(Sign(), [case], cfg, torch.device("cpu"))["dice"] == 1.0
+    kept = 216 / (216 + 27)
+    assert evaluate(Sign(), [case], cfg, torch.device("cpu"))["dice"] == pytest.approx(2 * kept / (1 + kept))

@@ -277,7 +277,9 @@ def test_a_split_forward_of_the_compiled_network_keeps_batch_norm_per_chunk(one_
     eager.square().mean().backward()
     got = SplitForward(compiled(twin, "default"), one_call)(x, 2)
     got.square().mean().backward()
-    assert torch.allclose(got, eager, atol=1e-5, rtol=1e-4)
+    # inductor sums in its own order: float32 rounding relative to the outputs' scale (its
+    # CPU code differs from CPU to CPU)
+    assert torch.allclose(got, eager, atol=1e-5 * float(eager.abs().max()), rtol=1e-4)
     scale = max(p.grad.abs().max() for p in core.parameters())
     for (name, a), b in zip(core.named_parameters(), twin.parameters()):
         assert torch.allclose(b.grad, a.grad, atol=1e-3 * scale, rtol=0), name
@@ -337,8 +339,11 @@ def test_one_call_training_follows_calls_per_chunk(acdc_phantom):
         runs[calls] = (rep.losses, loop.core.state_dict())
     (losses, weights), (want, want_weights) = runs["one"], runs["per_chunk"]
     assert len(losses) == 4 and losses == pytest.approx(want, rel=1e-4, abs=1e-6)
+    # four SGD steps of float32 rounding apart, relative to each tensor's scale (the CPU's
+    # kernels, and so the rounding, differ from CPU to CPU)
     for name, value in want_weights.items():
-        assert torch.allclose(weights[name].float(), value.float(), rtol=1e-3, atol=1e-5), name
+        scale = float(value.float().abs().max())
+        assert torch.allclose(weights[name].float(), value.float(), rtol=1e-3, atol=1e-5 + 1e-3 * scale), name
 
 
 def test_a_loss_of_parts_is_the_sum_of_the_parts_losses():
@@ -380,7 +385,8 @@ def test_the_compiled_copy_paste_batch_equals_the_eager_one(acdc_phantom):
         got = loop.bcp_batch(x_l, y_l, x_u, p_u, p_l, p_u.argmax(1), m, schedule)
         for a, b in zip(got[:4], want[:4]):
             assert a.dtype == b.dtype and torch.equal(a, b), t
-        assert {k: v.item() for k, v in got[4].items()} == {k: v.item() for k, v in want[4].items()}
+        assert got[4] is None and want[4] is None  # URL's own term region: url_mode=term only
+        assert {k: v.item() for k, v in got[5].items()} == {k: v.item() for k, v in want[5].items()}
     assert counters["stats"]["unique_graphs"] == 1
     assert len({tuple(loop.schedule(t).tolist()) for t in (0, 20, 60)}) == 3  # three values, one graph
 

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from buarl.method.losses import mse_consistency, region_loss, soft_dice_loss
+from buarl.method.losses import mse_consistency, region_loss, soft_dice_loss, term_loss
 from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import largest_component, pseudo_labels
 from buarl.method.teacher import decay_at, ema_update
 from buarl.method.uncertainty import entropy_map
-from buarl.method.weights import crl_weights, high_region, low_region, ramp, tau_u_at, url_weights
+from buarl.method.weights import (crl_share, crl_weights, high_region, low_region, ramp, tau_u_at,
+                                  url_term_region, url_weights)
 
 
 @pytest.mark.parametrize("c", [2, 4])
@@ -52,6 +53,46 @@ def test_quantile_regions_take_the_top_fraction_per_image():
     assert h.sum(dim=(1, 2)).tolist() == [20.0, 20.0]
     low = low_region(u, 0.3, mode="quantile")
     assert low.sum(dim=(1, 2)).tolist() == [30.0, 30.0]
+
+
+def test_soft_crl_weight_falls_linearly_with_uncertainty_and_ignores_tau():
+    w = crl_weights(U, True, tau_u=0.5, lambda_crl=0.5, ramp_value=0.8, reading="soft")
+    assert torch.allclose(w, 0.4 * (1 - U))
+    assert w[0, 1, 2] == 0.0 and w[0, 0, 0] == pytest.approx(0.4)  # U = 1 and U = 0
+    assert torch.equal(crl_weights(U, True, 0.01, 0.5, 0.8, reading="soft"), w)
+    assert torch.equal(crl_weights(U, False, 0.5, 0.5, 1.0, reading="soft"), torch.full_like(U, 0.5))
+
+
+def test_url_term_reading_keeps_weight_one_and_gives_its_region_to_the_term():
+    source = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]])
+    assert torch.equal(url_weights(U, True, 0.5, 2.0, reading="term"), torch.ones_like(U))
+    # H = U > 0.5 within the labeled pixels only
+    assert url_term_region(U, 0.5, "threshold", source).tolist() == [[[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]]]
+
+
+def test_term_loss_is_ce_and_dice_of_the_region_alone_and_zero_when_it_is_empty():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2 classes, 1, 2)
+    target = torch.tensor([[[0, 0]]])
+    region = torch.tensor([[[1.0, 0.0]]])
+    p0 = math.exp(2) / (math.exp(2) + 1)  # pixel 0's probability of class 0
+    ce = -math.log(p0)
+    # squared Dice over the one pixel: class 0 (p0, y 1), class 1 (1 - p0, y 0)
+    dice0 = 1 - 2 * p0 / (p0 ** 2 + 1)
+    dice1 = 1 - 1e-10 / ((1 - p0) ** 2 + 1e-10)
+    assert term_loss(logits, target, region).item() == pytest.approx((ce + (dice0 + dice1) / 2) / 2, rel=1e-6)
+    assert term_loss(logits, target, torch.zeros_like(region)).item() == 0.0
+
+
+def test_quantile_regions_count_shares_of_the_given_region():
+    u = torch.arange(100, dtype=torch.float32).view(1, 10, 10) / 99
+    within = torch.zeros_like(u)
+    within[:, :, :5] = 1  # 50 pixels
+    h = high_region(u, 0.8, mode="quantile", within=within) * within
+    assert h.sum().item() == 10.0  # the top 20 % of the region, not of the image
+    low = crl_share(u, True, 0.3, "quantile", within) * within
+    assert low.sum().item() == 15.0
+    # an image with no pixel of the region: no threshold passes
+    assert high_region(u, 0.5, "quantile", torch.zeros_like(u)).sum().item() == 0.0
 
 
 def test_ramp_values():

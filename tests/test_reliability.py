@@ -127,9 +127,12 @@ def test_existing_sweep_is_not_overwritten(tmp_path, capsys):
 
 
 def _space(tmp_path, name, **over):
+    # Each trial pre-trains itself: these tests are about a trial's own recovery (the shared
+    # pre-training has its own: tests/test_sweep_ray.py)
     space = {"name": name, "base_config": "phantom", "phantom_config": "phantom",
              "fixed": {"pretrain_iters": 2, "iters": 6, "eval_every": 2, "log_every": 2},
-             "grid": {"labeled": [2]}, "metric": "best_val_dice", "mode": "max", **over}
+             "grid": {"labeled": [2]}, "metric": "best_val_dice", "mode": "max", "shared_pretraining": False,
+             **over}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -359,6 +362,7 @@ def test_a_grid_point_that_raises_leaves_the_parent_run_failed(tmp_path, monkeyp
 
     monkeypatch.setattr(sweep, "start_ray", lambda args, plan, loaded: ("digest", {}))
     monkeypatch.setattr(sweep, "live_local_cluster", lambda: None)
+    monkeypatch.setattr(sweep.pretrainings, "run_all", lambda *a, **k: ({}, {}))
 
     def boom(*a, **k):
         raise RuntimeError("a grid point failed")
@@ -381,6 +385,7 @@ def test_a_failing_cluster_is_named_and_resume_is_offered(tmp_path, monkeypatch,
 
     monkeypatch.setattr(sweep, "start_ray", lambda args, plan, loaded: ("digest", {}))
     monkeypatch.setattr(sweep, "live_local_cluster", lambda: None)
+    monkeypatch.setattr(sweep.pretrainings, "run_all", lambda *a, **k: ({}, {}))
 
     def lost(*a, **k):
         raise ray.exceptions.RaySystemError("Raylet died: heartbeat timed out")

@@ -177,3 +177,31 @@ def test_only_a_one_worker_trial_runs_its_loop_in_the_tune_trial():
     assert Resources().loop_in_trial
     assert not Resources(runner="train").loop_in_trial
     assert not Resources(workers=2).loop_in_trial  # DDP needs Ray Train's worker group
+
+
+def test_the_plan_shares_one_pretraining_per_seed_and_label_count():
+    from orchestrator import pretrainings
+    space, path = load_space("ablation")
+    plan = make_plan(space, path, None, None, 1, 2)
+    keys, points, own = pretrainings.plan(plan)
+    # 3 seeds x 4 bcp rows; supervised and the two mt rows have no pre-training stage
+    assert len(keys) == 3 and len(points) == 12 and own == []
+    assert {keys[h]["seed"] for h in keys} == {1337, 1338, 1339}
+    for seed in (1337, 1338, 1339):
+        assert len({h for p, h in points.items() if f"seed={seed}_" in p}) == 1
+    text = "\n".join(pretrainings.describe(keys, points, own, plan.trials_per_point))
+    assert "3 shared" in text and "12 trial(s) forked" in text and "-> 4 trial(s)" in text
+
+
+def test_a_searched_pretraining_setting_or_ddp_trials_pretrain_themselves(tmp_path):
+    from orchestrator import pretrainings
+    import yaml
+    for extra, why in (({"search": {"lr": {"type": "uniform", "low": 0.001, "high": 0.1}}}, "the search changes"),
+                       ({"resources": {"workers": 2}}, "under Ray Train"),
+                       ({"shared_pretraining": False}, "shared_pretraining is off")):
+        spec = {"base_config": "phantom", "grid": {"labeled": [2]}, **extra}
+        f = tmp_path / "s.yaml"
+        f.write_text(yaml.safe_dump(spec))
+        space, path = load_space(str(f))
+        keys, points, own = pretrainings.plan(make_plan(space, path, None, None, 1, 4))
+        assert keys == {} and points == {} and len(own) == 1 and why in own[0], own

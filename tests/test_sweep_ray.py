@@ -78,7 +78,7 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(children.iloc[0]["run_id"], "train_loss")]
-    assert steps == sorted(set(steps)) and len(steps) >= 3, steps
+    assert steps == [8, 12], steps  # self-training's log steps (pre-training's are in its own run)
     assert {p.name for p in (tmp_path / "ray" / "sweep").iterdir() if p.name.startswith("labeled=")} == {
         "labeled=2_seed=1337", "labeled=3_seed=1337"}
     for col in ("test_dice", "test_jaccard", "test_dice_RV", "best_val_dice"):
@@ -97,8 +97,18 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4, 64, 64)
     assert {m.path for m in client.list_artifacts(run_id, "model")} >= {"model/MLmodel"}
+    # each label ratio pre-trained once (4 iterations), its two trials forked from it: their
+    # runs hold self-training (8, 12) and link to the pre-training's run, which holds 4
     history = client.get_metric_history(run_id, "val_dice")
-    assert [m.step for m in history][:2] == [4, 8]
+    assert [m.step for m in history] == [8, 12]
+    pre = runs[runs["tags.buarl.role"] == "pretrain"]
+    assert len(pre) == 2 and set(pre["status"]) == {"FINISHED"}
+    assert set(children["tags.buarl.pretrained_run"]) == set(pre["run_id"])
+    for _, g in children.groupby("tags.buarl.grid_point"):
+        assert g["tags.buarl.pretrained_run"].nunique() == 1
+    assert [m.step for m in client.get_metric_history(pre.iloc[0]["run_id"], "val_dice")] == [4]
+    assert children["metrics.test_last_dice"].between(0, 1).all()
+    assert len(list((tmp_path / "ray" / "pretrain").glob("*/pretrained.pt"))) == 2
 
 
 def test_two_worker_ddp_keeps_replicas_identical(tmp_path, acdc_phantom):
@@ -167,7 +177,9 @@ tune.Tuner(trainable, run_config=tune.RunConfig(storage_path={str(tmp_path / 'ra
 
 
 def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
-    space = {**SPACE, "grid": {"labeled": [2]}, "num_samples": 3}
+    # each trial pre-trains itself here: a trial's own resume (the shared pre-training's:
+    # test_a_killed_driver_reuses_the_finished_pretraining_and_forks_equal_a_whole_run)
+    space = {**SPACE, "grid": {"labeled": [2]}, "num_samples": 3, "shared_pretraining": False}
     cmd, env = _sweep(tmp_path, space, name="resume")
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -314,3 +326,59 @@ cluster.shutdown()
     parent = runs[runs["tags.buarl.role"] == "sweep"].iloc[0]
     assert parent["tags.buarl.code_digest"] == expected
     assert trial["status"] == "FINISHED" and trial["tags.buarl.code_digest"] == expected
+
+
+def test_a_killed_driver_reuses_the_finished_pretraining_and_forks_equal_a_whole_run(tmp_path):
+    """The driver killed once the shared pre-training is on storage and a trial runs: --resume
+    reuses that pre-training (it is not made again), and each forked trial ends exactly where
+    the same config ends when it pre-trains itself in this process (CPU)."""
+    space = {**SPACE, "grid": {"labeled": [2]}, "search": {}, "phantom_fixed": {
+        "pretrain_iters": 4, "iters": 40, "eval_every": 4, "log_every": 4},
+        "grid": {"labeled": [2], "switches": [{"url": False, "crl": False}, {"crl_mode": "soft", "tau_l": 0.3}]}}
+    cmd, env = _sweep(tmp_path, space, "--threads", "1", name="fork")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if " trial " in line and " started: MLflow run " in line:
+            break
+    assert any("] done in " in ln and ln.startswith("[pre-training ") for ln in seen), "".join(seen)[-3000:]
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "] reused: " in out.stdout and "] started (labeled=" not in out.stdout, out.stdout[-3000:]
+    runs = _runs(tmp_path, "fork")
+    kids = runs[(runs["tags.buarl.role"] == "trial") & (runs["status"] == "FINISHED")]
+    assert len(kids) == 2 and kids["tags.buarl.pretrained_run"].nunique() == 1
+    from buarl.config import validate
+    from buarl.train import train
+    for _, row in kids.iterrows():
+        params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and isinstance(v, str)}
+        cfg = validate({k: None if v == "None" else v if k == "data_root" else yaml.safe_load(v)
+                        for k, v in params.items()})
+        whole = train(cfg)
+        assert row["metrics.test_dice"] == pytest.approx(whole["dice"], abs=1e-12), row["tags.buarl.grid_point"]
+        assert row["metrics.best_val_dice"] == pytest.approx(whole["best_val_dice"], abs=1e-12)
+
+
+def test_a_failed_pretraining_fails_its_trials_with_its_reason(tmp_path):
+    space = {**SPACE, "search": {}, "grid": {"labeled": [2], "switches": [{"lr": 1.0e12}, {"lr": 1.0e12, "crl": False}]},
+             "phantom_fixed": {"pretrain_iters": 4, "iters": 4, "eval_every": 4, "log_every": 2}}
+    cmd, env = _sweep(tmp_path, space, name="prefail")
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = _runs(tmp_path, "prefail")
+    pre = runs[runs["tags.buarl.role"] == "pretrain"]
+    kids = runs[runs["tags.buarl.role"] == "trial"]
+    assert pre["status"].tolist() == ["FAILED"] and "loss became" in pre.iloc[0]["tags.buarl.stop_reason"]
+    assert len(kids) == 2 and set(kids["status"]) == {"FAILED"}
+    assert set(kids["tags.buarl.status"]) == {"pre-training failed"}
+    assert kids["tags.buarl.stop_reason"].str.contains("loss became").all()

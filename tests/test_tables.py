@@ -218,3 +218,66 @@ def test_latex_groups_and_aligns_numbers(store, tmp_path):
     assert r"\begin{tabular}{lrrrr}" in tex and r"\cmidrule(lr){2-5}" in tex
     abl = (out / "ablation.tex").read_text()
     assert r"\begin{tabular}{r" in abl  # labeled (a number) right-aligned
+
+
+@pytest.fixture
+def paired_store(tmp_path):
+    """BCP and two named rows over 5 seeds at labeled=3, both checkpoints logged; a 6th seed
+    that BCP lacks (unpaired: not counted)."""
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ev", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.sweep": "ev"}).info.run_id
+    client.set_terminated(parent)
+    dice = {"BCP": [0.60, 0.55, 0.62, 0.58, 0.57],
+            "BUARL": [0.62, 0.54, 0.66, 0.61, 0.60, 0.99],
+            "BUARL tuned": [0.65, 0.60, 0.63, 0.64, 0.61]}
+    for row, values in dice.items():
+        for seed, d in enumerate(values, start=1):
+            run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": f"{row}-{seed}",
+                                               "mlflow.parentRunId": parent, "buarl.row": row}).info.run_id
+            for k, v in {"base": "bcp", "url": row != "BCP", "crl": row != "BCP", "labeled": 3, "seed": seed,
+                         "dataset": "acdc", **PAPER}.items():
+                client.log_param(run, k, v)
+            for k, v in {"test_dice": d, "test_jaccard": d, "test_hd95": 1.0, "test_asd": 1.0,
+                         "best_val_dice": d, "test_last_dice": d - 0.1, "test_last_jaccard": d,
+                         "test_last_hd95": 1.0, "test_last_asd": 1.0, "train_frac_high": 0.25,
+                         "train_crl_share": 0.8}.items():
+                client.log_metric(run, k, v)
+            client.set_terminated(run)
+    return uri, dice
+
+
+def test_paired_table_holds_the_differences_over_common_seeds(paired_store, tmp_path):
+    uri, dice = paired_store
+    out = tmp_path / "t"
+    assert main(["--experiment", "ev", "--tracking-uri", uri, "--out", str(out)]) == 0
+    table = pd.read_csv(out / "paired.csv").set_index("method")
+    assert set(table.index) == {"BUARL", "BUARL tuned"}  # named rows from the buarl.row tag
+    diff = np.array(dice["BUARL"][:5]) * 100 - np.array(dice["BCP"]) * 100  # seed 6 has no BCP pair
+    row = table.loc["BUARL"]
+    assert row["n_seeds"] == 5 and row["wins"] == 4
+    assert row["Δ mean"] == pytest.approx(diff.mean()) == pytest.approx(2.2)
+    half = stats.t.ppf(0.975, 4) * diff.std(ddof=1) / np.sqrt(5)
+    assert (row["CI low"], row["CI high"]) == (pytest.approx(diff.mean() - half), pytest.approx(diff.mean() + half))
+    assert row["p (paired t)"] == pytest.approx(stats.ttest_1samp(diff, 0).pvalue)
+    # exact signed-rank test, 5 pairs: ranks of |d| = 2, 1, 4, 3, 3 -> W- = 1
+    assert row["p (Wilcoxon)"] == pytest.approx(stats.wilcoxon(diff).pvalue)
+    assert row["crl_share"] == pytest.approx(0.8) and row["frac_high"] == pytest.approx(0.25)
+    assert table.loc["BUARL tuned", "wins"] == 5
+    assert (out / "forest.png").stat().st_size > 1000
+    assert "best-on-validation checkpoint" in (out / "README.md").read_text()
+    # the last iterate: every test value 0.1 lower, so the same differences, other means
+    last = tmp_path / "l"
+    assert main(["--experiment", "ev", "--tracking-uri", uri, "--out", str(last), "--checkpoint", "last"]) == 0
+    lrow = pd.read_csv(last / "paired.csv").set_index("method").loc["BUARL"]
+    assert lrow["Δ mean"] == pytest.approx(2.2) and lrow["BCP Dice"] == pytest.approx(row["BCP Dice"] - 10)
+    assert "last iterate" in (last / "README.md").read_text()
+
+
+def test_last_checkpoint_tables_refuse_runs_without_last_iterate_metrics(store, tmp_path, capsys):
+    uri, _ = store
+    assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(tmp_path / "x"),
+                 "--checkpoint", "last"]) == 2
+    assert "have no last-iterate test metrics" in capsys.readouterr().err

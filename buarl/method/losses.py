@@ -60,6 +60,19 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return total
 
 
+def term_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor,
+              smooth: float = SMOOTH, form: str = "squared", parts: int = 1) -> torch.Tensor:
+    """(CE + Dice) / 2 over `region` alone, a loss term of its own (URL's `term` reading):
+    CE = sum(ce * R) / sum(R), Dice with mask R; an empty region gives exactly 0. `parts`: as
+    in region_loss, each batch side by side its own term, summed."""
+    if parts > 1:
+        return sum(term_loss(l, t, r, smooth, form) for l, t, r in zip(*(v.chunk(parts) for v in (logits, target, region))))
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target, reduction="none")
+    ce_r = (region * ce).sum() / region.sum().clamp(min=1.0)
+    return (ce_r + soft_dice_loss(torch.softmax(logits, 1), target, region, smooth, form)) / 2
+
+
 def mse_consistency(logits: torch.Tensor, target_probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """SSL4MIS's mean-teacher consistency: squared softmax difference, averaged over classes,
     weighted per pixel and normalised by the pixel count (as `region_loss` normalises by area),

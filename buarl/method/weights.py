@@ -2,11 +2,16 @@
 
 labeled pixel:   w = 1 + lambda_url * [U > tau_l]           (URL; H = 0 when off)
 unlabeled pixel: w = lambda_crl * ramp(t) * [U < tau_u]     (CRL; L = 1 when off)
+
+Other readings (config switches): URL as a loss term of its own on H (`url_mode=term`: the
+labeled weight stays 1, the loop adds the term on `url_term_region`), CRL as a soft weight
+lambda_crl * ramp(t) * (1 - U) (`crl_mode=soft`), and thresholds as shares of pixels
+(`region_mode=quantile`).
 """
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -24,40 +29,66 @@ def ramp(t: int, total: int) -> float:
 Scalar = Union[float, torch.Tensor]
 
 
-def thresholds(u: torch.Tensor, tau: Scalar, mode: str) -> torch.Tensor:
+def thresholds(u: torch.Tensor, tau: Scalar, mode: str,
+               within: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The threshold per image, shaped to broadcast against u (B, ...).
 
-    threshold mode: tau itself; quantile mode: the per-image tau-quantile of U.
+    threshold mode: tau itself; quantile mode: the per-image tau-quantile of U over the pixels
+    where `within` (a 0/1 map like u) is 1, all pixels when None. An image with no such pixel
+    gets NaN, which no comparison passes: its region is empty.
     """
     if mode == "threshold":
         if isinstance(tau, torch.Tensor):
             return tau.to(u.dtype).reshape((1,) * u.dim())
         return torch.full((u.shape[0],) + (1,) * (u.dim() - 1), tau, dtype=u.dtype, device=u.device)
-    q = torch.quantile(u.flatten(1).float(), tau.float() if isinstance(tau, torch.Tensor) else tau, dim=1).to(u.dtype)
+    flat = u.flatten(1).float()
+    if within is not None:
+        flat = flat.masked_fill(within.flatten(1) <= 0, float("nan"))
+    q = torch.nanquantile(flat, tau.float() if isinstance(tau, torch.Tensor) else tau, dim=1).to(u.dtype)
     return q.view(-1, *([1] * (u.dim() - 1)))
 
 
-def high_region(u: torch.Tensor, tau_l: Scalar, mode: str = "threshold") -> torch.Tensor:
+def high_region(u: torch.Tensor, tau_l: Scalar, mode: str = "threshold",
+                within: Optional[torch.Tensor] = None) -> torch.Tensor:
     """H = [U > tau_l] as float."""
-    return (u > thresholds(u, tau_l, mode)).float()
+    return (u > thresholds(u, tau_l, mode, within)).float()
 
 
-def low_region(u: torch.Tensor, tau_u: Scalar, mode: str = "threshold") -> torch.Tensor:
+def low_region(u: torch.Tensor, tau_u: Scalar, mode: str = "threshold",
+               within: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L = [U < tau_u] as float."""
-    return (u < thresholds(u, tau_u, mode)).float()
+    return (u < thresholds(u, tau_u, mode, within)).float()
 
 
 def url_weights(u: torch.Tensor, enabled: bool, tau_l: float, lambda_url: float,
-                mode: str = "threshold") -> torch.Tensor:
+                mode: str = "threshold", within: Optional[torch.Tensor] = None,
+                reading: str = "weight") -> torch.Tensor:
+    """1 + lambda_url * H; 1 without URL and under the `term` reading (the term carries URL)."""
+    if not enabled or reading == "term":
+        return torch.ones_like(u)
+    return 1.0 + lambda_url * high_region(u, tau_l, mode, within)
+
+
+def url_term_region(u: torch.Tensor, tau_l: float, mode: str, within: torch.Tensor) -> torch.Tensor:
+    """The pixels URL's own loss term trains on (`url_mode=term`): H within the labeled pixels."""
+    return high_region(u, tau_l, mode, within) * within
+
+
+def crl_share(u: torch.Tensor, enabled: bool, tau_u: Scalar, mode: str = "threshold",
+              within: Optional[torch.Tensor] = None, reading: str = "hard") -> torch.Tensor:
+    """How much of each unlabeled pixel's pseudo-label CRL keeps, in [0, 1]: L (`hard`),
+    1 - U (`soft`), 1 without CRL."""
     if not enabled:
         return torch.ones_like(u)
-    return 1.0 + lambda_url * high_region(u, tau_l, mode)
+    if reading == "soft":
+        return 1.0 - u
+    return low_region(u, tau_u, mode, within)
 
 
 def crl_weights(u: torch.Tensor, enabled: bool, tau_u: Scalar, lambda_crl: float,
-                ramp_value: Scalar, mode: str = "threshold") -> torch.Tensor:
-    region = low_region(u, tau_u, mode) if enabled else torch.ones_like(u)
-    return lambda_crl * ramp_value * region
+                ramp_value: Scalar, mode: str = "threshold", within: Optional[torch.Tensor] = None,
+                reading: str = "hard") -> torch.Tensor:
+    return lambda_crl * ramp_value * crl_share(u, enabled, tau_u, mode, within, reading)
 
 
 def tau_u_at(t: int, total: int, tau_u: float, start: float | None) -> float:
