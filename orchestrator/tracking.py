@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -51,13 +52,32 @@ def open_store(tracking_uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
     try:
-        client.search_experiments(max_results=1)
+        with _creation_lock(tracking_uri):
+            client = MlflowClient(tracking_uri)
+            client.search_experiments(max_results=1)
     except Exception as e:  # any failure to reach the store is a user-facing storage problem
         raise StorageError(f"--tracking-uri {redact(tracking_uri)}: tracking store is unreachable "
                            f"({type(e).__name__}: {redact(str(e).splitlines()[0])[:200]})") from None
     return client
+
+
+@contextmanager
+def _creation_lock(tracking_uri: str):
+    """MLflow creates (migrates) a new sqlite store at its first query; two sweeps started at
+    once on one new store both migrate it and one fails (alembic: "expected to match one row").
+    A file lock beside the database lets the first create it and the second find it made."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+    lock = Path(tracking_uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def artifact_root(tracking_uri: str) -> Optional[str]:

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.tracking import MlflowTrials, mark_orphans
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -212,3 +213,16 @@ def test_a_trials_model_is_exported_in_the_background_after_its_run_is_final(swe
     assert client.list_artifacts(driver.runs["n"], "model") == []
     out = capsys.readouterr().out
     assert f"run {driver.runs['n']}: MLflow model not logged" in out and "not a readable checkpoint" in out
+
+
+def test_two_drivers_opening_one_new_store_at_once_both_get_it(tmp_path):
+    """Two sweeps started together on a new sqlite store: both must open it (without the
+    lock one of them failed in MLflow's first migration)."""
+    import subprocess
+    import sys
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    code = f"from orchestrator.tracking import open_store; open_store({uri!r}); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=str(ROOT)) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outs]

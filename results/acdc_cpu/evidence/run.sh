@@ -28,8 +28,6 @@ sweep() {  # NAME SPACE ARGS...: one sweep, resumed if it has started before
 }
 
 head_up() {  # one cluster on loopback for the sweeps of a stage that run side by side
-  # the tracking store made before two sweeps open it at once (two first migrations collide)
-  $PY -c "from orchestrator.tracking import open_store; open_store('sqlite:///$PWD/$EXP/mlflow.db')"
   .venv/bin/ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1 ||
     .venv/bin/ray start --head --port "$PORT" --node-ip-address 127.0.0.1 --num-cpus 2 \
       --include-dashboard false >> "$EXP/ray_head.log" 2>&1
