@@ -27,4 +27,4 @@ bench: setup  ## fp32 vs bf16 step time, 2-D and 3-D, on this CPU -> bench/resul
 	$(PY) bench/precision.py
 
 clean:
-	rm -rf $(VENV) ray_results mlflow.db mlartifacts
+	rm -rf $(VENV) ray_results mlflow.db mlflow.lock mlartifacts
