@@ -154,11 +154,11 @@ def _export(args) -> int:
                   "code version": info.get("code_version"), "code digest": info.get("buarl_digest")}
         out = write_model(Path(args.out), obj["weights"], cfg, metrics, origin, overwrite=args.overwrite)
     else:
-        try:
-            from orchestrator.export import export_best  # the sweep side: MLflow lives there
-        except ImportError as e:
-            raise ConfigError(f"buarl export --experiment needs the orchestrator extras "
-                              f"(pip install -e '.[orchestrator]'): {e}") from None
+        # MLflow lives with the orchestrator, which hands its exporter in (orchestrator/cli.py)
+        export_best = getattr(args, "export_experiment", None)
+        if export_best is None:
+            raise ConfigError("export --experiment reads MLflow: run it through the `buarl` command "
+                              "(orchestrator.cli), which the orchestrator install provides")
         out = export_best(args.experiment, args.grid_point, args.tracking_uri, Path(args.out), args.overwrite)
     print(f"exported a model folder to {out} (model.pt, config.yaml, README.md)")
     return 0
@@ -288,8 +288,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, **defaults) -> int:
+    """`defaults`: what another layer adds to every command (the orchestrator's exporter)."""
+    p = parser()
+    p.set_defaults(**defaults)
+    args = p.parse_args(argv)
     try:
         return args.fn(args)
     except TrainingDiverged as e:

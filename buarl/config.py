@@ -109,15 +109,14 @@ class Config(BaseModel):
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")
     # torch.compile of the training forwards (student and teacher); reduce-overhead adds
-    # CUDA graphs, the launches that bound a GPU iteration (2.0-2.2x on an H200, BENCHMARKS.md).
-    # auto: reduce-overhead on a bf16 GPU run of one worker, none on CPUs (slower to warm up
-    # than a short run gains), under DDP and with fp16 AMP (not measured). Evaluation stays eager.
+    # CUDA graphs, since kernel launches bound a GPU iteration (BENCHMARKS.md, G1).
+    # auto: reduce-overhead on a bf16 GPU run of one worker; none on CPUs (compiling costs
+    # more than a short run gains), under DDP and with fp16 AMP. Evaluation stays eager.
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
     # How a split forward (`split_forward`) calls the network: `one` call whose batch norms
     # normalise each chunk apart, or a call `per_chunk` (the same numbers: nets/chunk_norm.py).
-    # `one`: a compiled run launches ~85 fewer kernels and calls 2 fewer graphs per iteration
-    # (bench/launches.py: no gradients of two backwards to sum); on a CPU as fast, eager and
-    # compiled (bench/chunk_norm.py). Not yet timed on a GPU (bench/gpu.py --phases calls).
+    # `one` has no gradients of two backwards to sum, so a compiled run launches fewer
+    # kernels (BENCHMARKS.md, G1: bench/launches.py).
     split_calls: Literal["per_chunk", "one"] = "one"
 
     @model_validator(mode="before")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from buarl.checkpoint import save_best
-from buarl.cli import main
+from orchestrator.cli import main
 from buarl.config import load_config
 from buarl.data import load_benchmark
 from buarl.inference import predict, predict_volume
