@@ -9,7 +9,7 @@
 #   STAGES=bench,profile BENCH_PHASES=compiled,glue bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #   STAGES=baseline,bench,profile BENCH_PHASES=compiled,calls BENCH_TAG=after bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #
-# It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session"):
+# It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session" and the header below):
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)
 #   .gpu_data/la.u8.xz                      bench/pack_la.py's small LA subset (8-bit, cropped; speed only)
 #   .whl/                                   pydantic and its pure-Python needs

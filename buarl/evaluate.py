@@ -119,9 +119,8 @@ def evaluating(model: nn.Module, shape_search: bool):
     """The model in eval mode; without `shape_search`, cuDNN's algorithm search off (CUDA).
     Training turns the search on for its fixed batch shapes. It pays where an evaluation's
     shapes repeat (validation runs again and again; LA's windows share one shape), not
-    where each input is new: an ACDC test volume's slice count is its batch, 8 counts
-    among the 40 test volumes (not timed apart: on an H100 G5 went from 10.3 to 2.89 s with
-    this and the k-d tree together, BENCHMARKS.md). Both are restored."""
+    where each input is new: an ACDC test volume's slice count is its batch, and the 40
+    test volumes have several counts (BENCHMARKS.md, G5). Both are restored."""
     was, search = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = search and shape_search

@@ -423,7 +423,7 @@ def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
         # The dashboard (bound to 127.0.0.1) serves the State API that Ray Train uses to
         # clean up placement groups; without it a finished Train trial spins on errors. Trials
         # that run their loop themselves never need it, and it costs CPU throughout
-        # (13.4 CPU-s of a two-trial sweep, BENCHMARKS.md G6).
+        # (BENCHMARKS.md, G6).
         dashboard = args.dashboard or not plan.space.resources.loop_in_trial
         with env_while(local_cluster_env(dashboard)):
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard,
