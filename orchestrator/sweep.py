@@ -11,6 +11,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import sys
 import time
 import zlib
@@ -115,7 +116,19 @@ def prepare(args) -> tuple[Plan, str]:
         raise SpaceError(f"{path}: resources: {problem} (join a cluster with --address)")
     if problem:
         print(f"note: {problem}; this plan needs a cluster (--address)", file=sys.stderr)
-    return select(plan, args), space.name if not args.name else args.name
+    sweep = space.name if args.name is None else args.name
+    check_name(sweep, "--name" if args.name is not None else f"{path}: name")
+    return select(plan, args), sweep
+
+
+# A sweep's name is a folder of --storage and a tag in MLflow: one plain path component.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name: str, where: str) -> None:
+    if not PLAIN_NAME.fullmatch(name or ""):
+        raise SpaceError(f"{where} {name!r}: a sweep name is one plain folder name (letters, digits, '.', '_', "
+                         "'-'; starting with a letter or digit; at most 100 characters)")
 
 
 def with_fixed(space, path, pairs: list[str]):
@@ -509,9 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         plan, sweep = prepare(args)
         print("\n".join([describe(plan), *pretrainings.describe(*pretrainings.plan(plan),
                                                                  plan.trials_per_point)]), flush=True)
+        loaded = locate_data(plan)  # a dry run checks the data too: a broken file is found now
         if args.dry_run:
             return 0
-        loaded = locate_data(plan)
         tracking_uri, storage, client = open_outputs(args, plan, sweep)
         digest, shared = start_ray(args, plan, loaded)
         del loaded  # the object store holds it now

@@ -59,7 +59,15 @@ def open_store(tracking_uri: str):
     except Exception as e:  # any failure to reach the store is a user-facing storage problem
         raise StorageError(f"--tracking-uri {redact(tracking_uri)}: tracking store is unreachable "
                            f"({type(e).__name__}: {redact(str(e).splitlines()[0])[:200]})") from None
+    global _client
+    _client = client
     return client
+
+
+# The driver's client (open_store's): Tune pickles its callbacks into the storage folder,
+# and a client holds its tracking URI with any credentials in it, so MlflowTrials pickles
+# without its client and takes this process's own when Tune unpickles it (--resume).
+_client = None
 
 
 @contextmanager
@@ -239,6 +247,17 @@ class MlflowTrials(Callback):
         # its last checkpoint replays the evaluations after it (identically: the RNG streams
         # are restored); the run keeps one value per step and key.
         self.logged: dict[str, tuple[int, set[str]]] = {}
+
+    def __getstate__(self) -> dict:
+        """Pickled (Tune's tuner.pkl, on storage) without the client: no tracking URI, so no
+        credentials, at rest."""
+        return {k: v for k, v in self.__dict__.items() if k != "client"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if _client is None:
+            raise StorageError("the sweep's MLflow callback was restored before the tracking store was opened")
+        self.client = _client
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:

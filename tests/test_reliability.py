@@ -464,3 +464,36 @@ def test_a_trial_uses_the_drivers_data_only_for_its_own_setting(acdc_phantom, mo
     own = trial.trial_data(cfg.model_copy(update={"image_size": 32}), (data_key(cfg), shipped))
     assert own is not shipped and own.images.shape[-1] == 32
     assert trial.trial_data(cfg, None).images.shape[-1] == cfg.image_size
+
+
+def test_credentials_are_redacted_in_every_spelling():
+    assert redact("db?key=abc&pwd=xyz") == "db?key=***&pwd=***"
+    assert redact("alice:S3cret@host:5000/x") == "***@host:5000/x"
+    assert redact("Authorization: Bearer abc.def-ghi==") == "Authorization: Bearer ***"
+    assert redact("user@host and 12:30 at /a/b") == "user@host and 12:30 at /a/b"
+
+
+def test_the_pickled_mlflow_callback_holds_no_credentials(tmp_path):
+    """Tune pickles its callbacks into the storage folder (tuner.pkl): the callback leaves its
+    client, and so the tracking URI, out, and takes the resumed driver's own client back."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    import orchestrator.tracking as tracking
+    from orchestrator.tracking import MlflowTrials
+    secret = MlflowClient("http://alice:S3cret@tracking.example:5000")
+    callback = MlflowTrials(secret, "1", "parent", "sweep", "point", {"lr": 0.01})
+    blob = pickle.dumps(callback)
+    assert b"S3cret" not in blob and b"alice" not in blob
+    resumed = tracking.open_store(f"sqlite:///{tmp_path / 'm.db'}")
+    assert pickle.loads(blob).client is resumed
+
+
+def test_a_sweep_name_is_one_plain_folder_name(tmp_path, capsys):
+    from orchestrator.sweep import main as sweep_main
+    for name in ("../../escaped", "a/b", ".hidden", ""):
+        assert sweep_main(["--space", "phantom_tiny", "--name", name, "--storage", str(tmp_path / "ray"),
+                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+        assert "a sweep name is one plain folder name" in capsys.readouterr().err
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "ray").exists()

@@ -106,9 +106,10 @@ def test_only_and_skip_select_grid_points(capsys):
     assert plan.at_once == 2 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
 
 
-def test_plan_counts_iterations_per_base_and_says_when_concurrency_cannot_apply(capsys):
+def test_plan_counts_iterations_per_base_and_says_when_concurrency_cannot_apply(capsys, acdc_phantom):
     # acdc_cpu: pretrain 500 + 1000 iterations for bcp; supervised and mt have no pre-training
-    assert main(["--space", "ablation", "--data-root", str(ROOT), "--max-concurrent", "2", "--dry-run"]) == 0
+    assert main(["--space", "ablation", "--data-root", str(acdc_phantom), "--max-concurrent", "2",
+                 "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "iteration budget: 1000-1500 per trial, " + str(3 * (4 * 1500 + 3 * 1000)) + " in total" in out
     assert "1 trial(s) at once" in out and "--max-concurrent 2 applies within a grid point" in out
@@ -205,3 +206,11 @@ def test_a_searched_pretraining_setting_or_ddp_trials_pretrain_themselves(tmp_pa
         space, path = load_space(str(f))
         keys, points, own = pretrainings.plan(make_plan(space, path, None, None, 1, 4))
         assert keys == {} and points == {} and len(own) == 1 and why in own[0], own
+
+
+def test_a_dry_run_checks_the_data(tmp_path, capsys):
+    """The plan and then the data checks of a real run (seconds): a folder that is no dataset
+    is refused by name, exit 2, before anything starts."""
+    assert main(["--space", "ablation", "--data-root", str(ROOT), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train_slices.list" in err or str(ROOT) in err, err
