@@ -8,6 +8,7 @@ Ray Train run of buarl's loop, logged to MLflow from the driver -> summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -425,7 +426,8 @@ def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
     from orchestrator.trial import PACKAGES, code_digest
     runtime_env = worker_runtime_env(PACKAGES)
     if args.address:
-        ray.init(address=args.address, log_to_driver=False, runtime_env=runtime_env)
+        with neutral_cwd():
+            ray.init(address=args.address, log_to_driver=False, runtime_env=runtime_env)
         total = ray.cluster_resources()
         r = plan.space.resources
         for kind, need in (("CPU", r.workers * r.cpus_per_worker), ("GPU", r.workers * r.gpus_per_worker)):
@@ -438,11 +440,25 @@ def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
         # that run their loop themselves never need it, and it costs CPU throughout
         # (BENCHMARKS.md, G6).
         dashboard = args.dashboard or not plan.space.resources.loop_in_trial
-        with env_while(local_cluster_env(dashboard)):
+        with env_while(local_cluster_env(dashboard)), neutral_cwd():
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard,
                      dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
         write_bootstrap(ray.get_runtime_context().gcs_address)
     return code_digest(), share_data(loaded)
+
+
+@contextlib.contextmanager
+def neutral_cwd():
+    """ray.init puts the driver's working directory on every worker's sys.path, ahead of the
+    packages the sweep ships (py_modules). Started from a checkout, workers would import that
+    checkout's files as they are when each worker starts, edits made during the sweep included,
+    not the code the sweep started from. Ray takes the folder at init: "/" holds no package."""
+    here = os.getcwd()
+    os.chdir("/")
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def open_parent_run(args, plan: Plan, sweep: str, client, storage: str, tracking_uri: str,

@@ -290,7 +290,8 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
 
 def test_cluster_workers_run_the_drivers_code(tmp_path):
     """A sweep launched from a code snapshot onto a cluster whose nodes import another copy
-    (here: this checkout, installed editable): the workers run the snapshot's code."""
+    (here: this checkout, installed editable), the driver's working directory being that
+    checkout (Ray puts it on the workers' path): the workers run the snapshot's code."""
     import shutil
     from buarl.provenance import source_digest
     snap = tmp_path / "snap"
@@ -311,7 +312,7 @@ from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "dashboard_port": {free_port()}}})
 env = {{**os.environ, "PYTHONPATH": {str(snap)!r}}}
 out = subprocess.run({sweep!r} + ["--address", cluster.address], env=env, capture_output=True, text=True,
-                     timeout=900)
+                     timeout=900, cwd={str(ROOT)!r})
 print(out.stdout[-3000:], out.stderr[-3000:])
 print("RC", out.returncode, flush=True)
 cluster.shutdown()
