@@ -33,6 +33,19 @@ def _sweep(tmp_path, space, *extra, name="sweep", timeout=900, env_extra=None):
     return cmd, env
 
 
+def _kill_driver(proc) -> None:
+    """SIGKILL the driver and everything it started (its local Ray cluster), nothing else on
+    the machine."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def _runs(tmp_path, experiment):
     import mlflow
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -200,15 +213,7 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
     assert finished, ("no trial finished before the deadline" if proc.poll() is None else
                       f"the sweep ended (exit {proc.returncode}) before a finished trial was seen:\n"
                       + proc.stdout.read()[-3000:])
-    # The driver and everything it started (its local Ray cluster), nothing else on the machine.
-    family = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
+    _kill_driver(proc)
     before = _runs(tmp_path, "resume")
     assert "tags.buarl.trial_id" in before, (before.columns.tolist(), proc.stdout.read()[-3000:])
     ended = {r["tags.buarl.trial_id"]: r["end_time"] for _, r in before.iterrows()
@@ -345,14 +350,7 @@ def test_a_killed_driver_reuses_the_finished_pretraining_and_forks_equal_a_whole
         if " trial " in line and " started: MLflow run " in line:
             break
     assert any("] done in " in ln and ln.startswith("[pre-training ") for ln in seen), "".join(seen)[-3000:]
-    family = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
+    _kill_driver(proc)
     out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "] reused: " in out.stdout and "] started (labeled=" not in out.stdout, out.stdout[-3000:]

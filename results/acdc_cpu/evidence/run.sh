@@ -27,6 +27,14 @@ sweep() {  # NAME SPACE ARGS...: one sweep, resumed if it has started before
     >> "$EXP/$name.log" 2>&1
 }
 
+side_by_side() {  # SPACE NAME_A GLOB_A NAME_B GLOB_B: two sweeps of one space on one cluster
+  # (a pure grid runs its points one after another: two sweeps run two trials at once)
+  head_up
+  sweep "$2" "$1" --address "127.0.0.1:$PORT" --threads 1 --only "$3" &
+  sweep "$4" "$1" --address "127.0.0.1:$PORT" --threads 1 --only "$5" &
+  wait
+}
+
 head_up() {  # one cluster on loopback for the sweeps of a stage that run side by side
   .venv/bin/ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1 ||
     .venv/bin/ray start --head --port "$PORT" --node-ip-address 127.0.0.1 --num-cpus 2 \
@@ -34,11 +42,8 @@ head_up() {  # one cluster on loopback for the sweeps of a stage that run side b
 }
 
 case ${1:-} in
-  paired3)  # a pure grid runs its points one after another: two sweeps, two trials at once
-    head_up
-    sweep evidence3_a evidence.yaml --address "127.0.0.1:$PORT" --threads 1 --only 'labeled=3_seed=1[1-4]_*' &
-    sweep evidence3_b evidence.yaml --address "127.0.0.1:$PORT" --threads 1 --only 'labeled=3_seed=1[5-8]_*' &
-    wait ;;
+  paired3)
+    side_by_side evidence.yaml evidence3_a 'labeled=3_seed=1[1-4]_*' evidence3_b 'labeled=3_seed=1[5-8]_*' ;;
   search)
     head_up
     sweep evidence_search evidence_search.yaml --address "127.0.0.1:$PORT" --threads 1 --max-concurrent 2 ;;
@@ -46,15 +51,9 @@ case ${1:-} in
     [ -f search_spaces/evidence_tuned.yaml ] || $PY -m orchestrator.promote --experiment evidence_search \
       --evaluation evidence --row "BUARL searched" --tracking-uri "sqlite:///$PWD/$EXP/mlflow.db" \
       --out search_spaces/evidence_tuned.yaml
-    head_up
-    sweep tuned3_a evidence_tuned.yaml --address "127.0.0.1:$PORT" --threads 1 --only 'labeled=3_seed=1[1-4]_*' &
-    sweep tuned3_b evidence_tuned.yaml --address "127.0.0.1:$PORT" --threads 1 --only 'labeled=3_seed=1[5-8]_*' &
-    wait ;;
+    side_by_side evidence_tuned.yaml tuned3_a 'labeled=3_seed=1[1-4]_*' tuned3_b 'labeled=3_seed=1[5-8]_*' ;;
   paired7)
-    head_up
-    sweep evidence7_a evidence.yaml --address "127.0.0.1:$PORT" --threads 1 --only 'labeled=7_seed=1[12]_*' &
-    sweep evidence7_b evidence.yaml --address "127.0.0.1:$PORT" --threads 1 --only 'labeled=7_seed=1[34]_*' &
-    wait
+    side_by_side evidence.yaml evidence7_a 'labeled=7_seed=1[12]_*' evidence7_b 'labeled=7_seed=1[34]_*'
     if [ -f search_spaces/evidence_tuned.yaml ]; then
       sweep tuned7 evidence_tuned.yaml --address "127.0.0.1:$PORT" --threads 1 --only 'labeled=7_seed=1[1-4]_*'
     fi ;;
