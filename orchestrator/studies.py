@@ -50,3 +50,4 @@ def warm_start(old_folder: Path, new_url: str, points: list[str]) -> dict[str, i
                 deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             copied[point] = len(trials)
     return copied
+

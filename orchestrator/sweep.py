@@ -286,7 +286,8 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.optuna_search import StudyTruthOptunaSearch
 
     from orchestrator.tracking import MlflowTrials
     from orchestrator.trial import run_trial
@@ -326,7 +327,7 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
             # The study lives in the sweep's optuna.db (optuna-dashboard, --warm-start), one per grid point.
             url = studies.storage_url(f"{storage}/{sweep}")
             optuna_kwargs = {"storage": studies.rdb(url), "study_name": point.name} if url else {}
-            search = ConcurrencyLimiter(OptunaSearch(metric=s.metric, mode=s.mode, seed=seed, **optuna_kwargs),
+            search = ConcurrencyLimiter(StudyTruthOptunaSearch(metric=s.metric, mode=s.mode, seed=seed, **optuna_kwargs),
                                         plan.max_concurrent)
         # Rungs count evaluations (results also arrive at every log step); trials end by
         # their own schedule, never at ASHA's default max_t of 100.

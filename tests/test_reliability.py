@@ -497,3 +497,37 @@ def test_a_sweep_name_is_one_plain_folder_name(tmp_path, capsys):
                            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
         assert "a sweep name is one plain folder name" in capsys.readouterr().err
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_a_resumed_searcher_ignores_a_report_for_a_trial_the_study_finished(tmp_path, ours):
+    """The window of a killed driver: the searcher saved while a trial runs, the trial then
+    COMPLETE in optuna.db, the driver killed; the restored searcher gets the trial's replayed
+    report. Ray's OptunaSearch raises there; the sweep's searcher drops the report."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.optuna_search import StudyTruthOptunaSearch
+    cls = StudyTruthOptunaSearch if ours else OptunaSearch
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def make():
+        s = cls(metric="val_dice", mode="max", seed=1, storage=optuna.storages.RDBStorage(url), study_name="p")
+        s.set_search_properties("val_dice", "max", {"tau_l": tune.uniform(0.1, 0.9)})
+        return s
+    first = make()
+    assert first.suggest("t1") is not None
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's periodic save, the trial still running
+    first.on_trial_complete("t1", {"val_dice": 0.5, "training_iteration": 3})  # COMPLETE in optuna.db
+    resumed = cls(metric="val_dice", mode="max", seed=1)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    replay = {"val_dice": 0.5, "training_iteration": 3}
+    if not ours:
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            resumed.on_trial_result("t1", replay)
+        return
+    resumed.on_trial_result("t1", replay)
+    resumed.on_trial_complete("t1", replay)  # and its completion is not told twice
+    study = optuna.load_study(study_name="p", storage=url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
