@@ -288,7 +288,6 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
     from ray.tune.search import ConcurrencyLimiter
 
     from orchestrator.optuna_search import StudyTruthOptunaSearch
-
     from orchestrator.tracking import MlflowTrials
     from orchestrator.trial import run_trial
 
