@@ -447,6 +447,27 @@ def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
     return code_digest(), share_data(loaded)
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A cluster address that answers, or one line: Ray itself retries an unreachable GCS for
+    minutes, printing only connection warnings. `auto` is the machine's bootstrap file's
+    address; a `ray://` client address is left to Ray."""
+    import socket
+    if address.startswith("ray://"):
+        return
+    target = live_local_cluster() if address == "auto" else address
+    if target is None:
+        raise Refused("--address auto: no Ray cluster runs on this machine (start one with `ray start --head`, "
+                      "or leave out --address for a local one)")
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise Refused(f"--address {address}: expected host:port, auto or ray://host:port") from None
+    except OSError as e:
+        raise Refused(f"--address {address}: no Ray cluster answers at {target} ({e.strerror or e})") from None
+
+
 @contextlib.contextmanager
 def neutral_cwd():
     """ray.init puts the driver's working directory on every worker's sys.path, ahead of the
@@ -541,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded = locate_data(plan)  # a dry run checks the data too: a broken file is found now
         if args.dry_run:
             return 0
+        if args.address:  # before anything is written: a refused sweep can be rerun as it was
+            check_reachable(args.address)
         tracking_uri, storage, client = open_outputs(args, plan, sweep)
         digest, shared = start_ray(args, plan, loaded)
         del loaded  # the object store holds it now

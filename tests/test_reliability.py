@@ -531,3 +531,18 @@ def test_a_resumed_searcher_ignores_a_report_for_a_trial_the_study_finished(tmp_
     resumed.on_trial_complete("t1", replay)  # and its completion is not told twice
     study = optuna.load_study(study_name="p", storage=url)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+def test_an_unreachable_cluster_is_one_line_in_bounded_time(tmp_path):
+    import subprocess
+    import sys
+    import time
+    start = time.time()
+    out = subprocess.run([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", "phantom_tiny",
+                          "--address", "127.0.0.1:1", "--storage", str(tmp_path / "ray"),
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1" in out.stderr
+    assert time.time() - start < 120
+    assert not (tmp_path / "ray" / "phantom_tiny").exists()  # nothing written: the same command can run again
