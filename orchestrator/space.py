@@ -45,7 +45,7 @@ class IntRange(_Strict):
     type: Literal["int"]
     low: int
     high: int
-    step: int = 1
+    step: int = Field(1, ge=1)
 
 
 class Categorical(_Strict):
@@ -53,6 +53,7 @@ class Categorical(_Strict):
     choices: list[Any] = Field(min_length=1)
 
 
+DISTRIBUTION_TYPES = ("uniform", "loguniform", "int", "categorical")
 Distribution = Annotated[Union[Uniform, LogUniform, IntRange, Categorical], Field(discriminator="type")]
 
 
@@ -130,7 +131,10 @@ def _locate(name_or_path: str) -> Path:
 
 
 def _message(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    parts = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    if parts[:1] == ["search"] and len(parts) > 2 and parts[2] in DISTRIBUTION_TYPES:
+        del parts[2]  # the union's tag: `search.key.step`, not `search.key.int.step`
+    loc = ".".join(parts)
     if err["type"] == "extra_forbidden":
         return f"unknown key {loc!r}"
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
@@ -157,11 +161,32 @@ def load_space(name_or_path: str) -> tuple[Space, Path]:
     return space, path
 
 
+def _kind(annotation) -> str:
+    """bool, int, float or choice (a Literal) of a config field's type, Optional unwrapped."""
+    import typing
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is Literal:
+        return "choice"
+    return {bool: "bool", int: "int", float: "float"}.get(annotation, "other")
+
+
 def _check_against_config(space: Space, path: Path) -> None:
     fields = Config.model_fields
+    gridded = {"labeled", "seed"} | {k for sw in space.grid.switches for k in sw}
     for key, dist in space.search.items():
         if key not in fields:
             raise SpaceError(f"{path}: search.{key}: unknown parameter (not a buarl config key)")
+        if key in gridded:
+            raise SpaceError(f"{path}: search.{key}: {key} is also set by the grid, which the search would "
+                             "silently override; keep it in one of the two")
+        kind = _kind(fields[key].annotation)
+        if kind in ("bool", "choice") and not isinstance(dist, Categorical):
+            raise SpaceError(f"{path}: search.{key}: a {kind} key takes type: categorical (got {dist.type})")
+        if kind == "int" and isinstance(dist, (Uniform, LogUniform)):
+            raise SpaceError(f"{path}: search.{key}: an integer key takes type: int or categorical "
+                             f"(got {dist.type}, a float range)")
         probes = dist.choices if isinstance(dist, Categorical) else [dist.low, dist.high]
         for value in probes:
             try:

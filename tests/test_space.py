@@ -214,3 +214,20 @@ def test_a_dry_run_checks_the_data(tmp_path, capsys):
     assert main(["--space", "ablation", "--data-root", str(ROOT), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "train_slices.list" in err or str(ROOT) in err, err
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"rampup_iters": {"type": "int", "low": 0, "high": 10, "step": 0}}, "search.rampup_iters.step"),
+    ({"rampup_iters": {"type": "uniform", "low": 0, "high": 10}}, "an integer key takes type: int or categorical"),
+    ({"url": {"type": "uniform", "low": 0, "high": 1}}, "a bool key takes type: categorical"),
+    ({"crl_mode": {"type": "int", "low": 0, "high": 1}}, "a choice key takes type: categorical"),
+    ({"seed": {"type": "int", "low": 1, "high": 3}}, "seed is also set by the grid"),
+    ({"tau_l": {"type": "uniform", "low": 0.1, "high": 0.9}}, "tau_l is also set by the grid"),
+])
+def test_a_search_that_does_not_fit_its_key_or_the_grid_is_refused_before_ray(tmp_path, capsys, search, message):
+    import yaml
+    spec = {"base_config": "phantom", "grid": {"labeled": [2], "switches": [{"tau_l": 0.5}]}, "search": search}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    assert main(["--space", str(f), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
