@@ -61,7 +61,7 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     ("grid: {labeled: [2]}\nsearchh: {}\n", "unknown key 'searchh'"),
     ("grid: {labeled: [2]}\nsearch: {tau_l: {type: uniform, low: 0.9, high: 0.1}}\n", "search.tau_l: low=0.9 > high=0.1"),
     ("grid: {labeled: [2]}\nsearch: {tau_q: {type: uniform, low: 0.1, high: 0.2}}\n", "search.tau_q: unknown parameter"),
-    ("grid: {labeled: [2]}\nsearch: {tau_l: {type: uniform, low: low, high: 0.2}}\n", "search.tau_l.uniform.low"),
+    ("grid: {labeled: [2]}\nsearch: {tau_l: {type: uniform, low: low, high: 0.2}}\n", "search.tau_l.low"),
     ("grid: {labeled: [2]}\nsearch: {tau_l: {type: gaussian, low: 0.1, high: 0.2}}\n", "distribution type must be one of"),
     ("grid: {labeled: [2]}\nsearch: {lr: {type: loguniform, low: 0.0, high: 0.1}}\n", "loguniform needs low > 0"),
     ("grid: {labeled: [2]}\nsearch: {tau_l: {type: uniform, low: 0.5, high: 1.5}}\n", "value 1.5 is outside"),
