@@ -70,6 +70,8 @@ def _train(args) -> int:
         if (out / existing).exists():
             raise ConfigError(f"--out {out}: already holds a finished run ({existing}); "
                               "choose a new folder so nothing is overwritten")
+    from buarl.data import load_benchmark
+    data = load_benchmark(cfg)  # its checks before anything is written: a refused run leaves no folder
     out.mkdir(parents=True, exist_ok=True)
     run_folder.write_config(out, cfg)
     run_folder.write_run_info(out, {"command": " ".join(shlex.quote(a) for a in sys.argv), "seed": cfg.seed,
@@ -80,7 +82,7 @@ def _train(args) -> int:
         print(f"run folder {out} (config.yaml, run.json, train.log, {pretraining.FILE})")
         reporter = LocalReporter(cfg, out, total=cfg.pretrain_iters)
         try:
-            state = pretraining.pretrain(cfg, reporter=reporter)
+            state = pretraining.pretrain(cfg, data=data, reporter=reporter)
         finally:
             reporter.close()
         pretraining.save(out / pretraining.FILE, cfg, state, environment()["buarl_digest"])
@@ -91,7 +93,7 @@ def _train(args) -> int:
         return 0
     print(f"run folder {out} (config.yaml, run.json, train.log, best.pt, metrics.json)")
     try:
-        metrics = train(cfg, LocalReporter(cfg, out), start=start)
+        metrics = train(cfg, LocalReporter(cfg, out), data=data, start=start)
     except BaseException as e:  # the run folder says why it ended, not only the terminal
         with (out / run_folder.LOG).open("a") as log:
             log.write(f"ERROR: run ended with {type(e).__name__}: {e}\n")

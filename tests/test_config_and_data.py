@@ -1,5 +1,6 @@
 """Config validation, data loading, integrity errors, metrics against medpy."""
 import math
+import re
 import shutil
 
 import h5py
@@ -164,6 +165,11 @@ def _rewrite(path, **arrays):
     ("shape", "image shape"),
     ("label_range", "label values must be integers in [0, 3]"),
     ("nan", "NaN"),
+    ("nan_label", "label contains NaN or inf values"),
+    ("empty", "image is empty (shape (0, 0))"),
+    ("group", "'image' is an HDF5 group, expected a numeric dataset"),
+    ("string", "'image' holds"),
+    ("duplicate", "is listed twice"),
 ])
 def test_broken_data_is_refused_naming_the_file(acdc_phantom, tmp_path, breakage, fragment):
     root = _copy(acdc_phantom, tmp_path)
@@ -188,11 +194,38 @@ def test_broken_data_is_refused_naming_the_file(acdc_phantom, tmp_path, breakage
         img = h5py.File(first)["image"][()]
         img[0, 0] = np.nan
         _rewrite(first, image=img)
+    elif breakage == "nan_label":
+        img = h5py.File(first)["image"][()]
+        label = np.zeros(img.shape, np.float32)
+        label[0, 0] = np.nan
+        _rewrite(first, label=label)
+    elif breakage == "empty":
+        _rewrite(first, image=np.zeros((0, 0), np.float32), label=np.zeros((0, 0), np.uint8))
+    elif breakage == "group":
+        label = h5py.File(first)["label"][()]
+        first.unlink()
+        with h5py.File(first, "w") as f:
+            f.create_group("image")
+            f.create_dataset("label", data=label)
+    elif breakage == "string":
+        _rewrite(first, image=np.array("not an image", dtype=h5py.string_dtype()))
+    elif breakage == "duplicate":
+        lst = root / "train_slices.list"
+        lst.write_text(lst.read_text().split()[0] + "\n" + lst.read_text())
     cfg = load_config("phantom", {"data_root": str(root)})
-    with pytest.raises(DataError, match=fragment.replace("[", r"\[").replace("]", r"\]")) as e:
+    with pytest.raises(DataError, match=re.escape(fragment)) as e:
         load_benchmark(cfg)
-    if breakage not in ("missing_root", "escape", "missing_list"):
+    if breakage not in ("missing_root", "escape", "missing_list", "duplicate"):
         assert first.name in str(e.value)
+
+
+def test_a_refused_run_leaves_no_run_folder(acdc_phantom, tmp_path, capsys):
+    from buarl.cli import main
+    root = _copy(acdc_phantom, tmp_path)
+    _rewrite(_first_slice(root), image=np.zeros((0, 0), np.float32), label=np.zeros((0, 0), np.uint8))
+    assert main(["train", "--data-root", str(root), "--out", str(tmp_path / "run")]) == 2
+    assert "image is empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_labeled_larger_than_training_set(acdc_phantom):

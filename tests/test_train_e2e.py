@@ -185,7 +185,7 @@ def test_a_failed_run_writes_its_error_into_train_log(acdc_phantom, tmp_path, mo
     import buarl.train as train_module
     from buarl.errors import TrainingDiverged
 
-    def diverge(cfg, reporter, start=None):
+    def diverge(cfg, reporter, data=None, start=None):
         raise TrainingDiverged("loss became nan by iteration 3 (lr=0.03); lower the learning rate")
     monkeypatch.setattr(train_module, "train", diverge)
     out = tmp_path / "run"

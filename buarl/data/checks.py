@@ -22,7 +22,22 @@ def read_list(path: Path) -> list[str]:
     names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if not names:
         raise DataError(f"{path}: list file is empty")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{path}: entry {name!r} is listed twice")
+        seen.add(name)
     return names
+
+
+def _array(f, key: str, path: Path) -> np.ndarray:
+    """The dataset `key` as an array, or one DataError naming what it is instead."""
+    node = f[key]
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(f"{path}: {key!r} is an HDF5 {type(node).__name__.lower()}, expected a numeric dataset")
+    if node.dtype.kind not in "biuf":
+        raise DataError(f"{path}: {key!r} holds {node.dtype} values, expected numbers")
+    return np.asarray(node[()])
 
 
 def inside(root: Path, rel: str, list_file: Path) -> Path:
@@ -43,16 +58,20 @@ def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.n
             if missing:
                 raise DataError(f"{path}: no {' or '.join(repr(k) for k in missing)} dataset "
                                 f"(found {sorted(f.keys())})")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            label = np.asarray(f["label"][()])
+            image = _array(f, "image", path).astype(np.float32)
+            label = _array(f, "label", path)
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
     if image.ndim != ndim:
         raise DataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
     if image.shape != label.shape:
         raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
+    if image.size == 0:
+        raise DataError(f"{path}: image is empty (shape {image.shape})")
     if not np.isfinite(image).all():
         raise DataError(f"{path}: image contains NaN or inf values")
+    if not np.isfinite(label).all():
+        raise DataError(f"{path}: label contains NaN or inf values")
     lo, hi = int(label.min()), int(label.max())
     if lo < 0 or hi >= num_classes or not np.array_equal(label, np.round(label)):
         raise DataError(f"{path}: label values must be integers in [0, {num_classes - 1}], "
