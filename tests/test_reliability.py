@@ -315,24 +315,60 @@ def _sources():
     return [p for d in ("buarl", "orchestrator", "bench") for p in (ROOT / d).rglob("*.py")]
 
 
-def test_security_settings_hold_in_every_source_file():
-    """Guards for settings that hold by construction: a new call site that breaks one fails here."""
+def _calls(source: str):
+    """(qualified name, ast.Call) of every call in `source`, names resolved through the file's
+    imports (`import torch as t`, `from torch import load as L`): the call, not its spelling."""
+    import ast
+    tree = ast.parse(source)
+    alias = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                alias[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                alias[a.asname or a.name] = f"{node.module}.{a.name}"
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        parts, f = [], node.func
+        while isinstance(f, ast.Attribute):
+            parts.append(f.attr)
+            f = f.value
+        if isinstance(f, ast.Name):
+            yield ".".join([alias.get(f.id, f.id)] + parts[::-1]), node
+
+
+def _security_findings(source: str, name: str = "<src>"):
+    """Unsafe loads in `source`: torch.load without weights_only=True, yaml's unsafe loaders;
+    and the hosts given to ray.init's dashboard."""
     import ast
     loads, yaml_calls, hosts = [], [], []
+    for qual, node in _calls(source):
+        kw = {k.arg: k.value for k in node.keywords}
+        if qual == "torch.load":
+            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            loads.append((name, node.lineno, ok))
+        if qual in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all"):
+            yaml_calls.append((name, node.lineno))
+        if qual == "ray.init" and "dashboard_host" in kw:
+            hosts.append(kw["dashboard_host"].value)
+    return loads, yaml_calls, hosts
+
+
+def test_the_security_guard_sees_calls_however_they_are_imported():
+    loads, yaml_calls, _ = _security_findings(
+        "from torch import load as fetch\nimport yaml as y\nfrom yaml import unsafe_load\n"
+        "fetch('x')\ny.load('a')\nunsafe_load('b')\nimport torch\ntorch.load('z', weights_only=True)\n")
+    assert [ok for *_, ok in loads] == [False, True] and len(yaml_calls) == 2
+
+
+def test_security_settings_hold_in_every_source_file():
+    """Guards for settings that hold by construction: a new call site that breaks one fails here."""
+    loads, yaml_calls, hosts = [], [], []
     for path in _sources():
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
-                continue
-            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
-            kw = {k.arg: k.value for k in node.keywords}
-            if owner == "torch" and node.func.attr == "load":
-                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
-                loads.append((path.name, node.lineno, ok))
-            if owner == "yaml" and node.func.attr in ("load", "unsafe_load", "full_load", "load_all"):
-                yaml_calls.append((path.name, node.lineno))
-            if node.func.attr == "init" and owner == "ray" and "dashboard_host" in kw:
-                hosts.append(kw["dashboard_host"].value)
+        found = _security_findings(path.read_text(), path.name)
+        loads, yaml_calls, hosts = loads + found[0], yaml_calls + found[1], hosts + found[2]
     assert loads and all(ok for *_, ok in loads), [x for x in loads if not x[2]]
     assert yaml_calls == []
     assert hosts == ["127.0.0.1"]
