@@ -25,6 +25,7 @@ from typing import Optional
 from buarl import pretraining
 from buarl.config import validate
 from buarl.train import Reporter
+from orchestrator import storage
 
 FOLDER = "pretrain"
 TAG_KEY = "buarl.pretrain_key"
@@ -99,35 +100,9 @@ def location(storage: str, h: str) -> str:
     return f"{storage}/{FOLDER}/{h}/{pretraining.FILE}"
 
 
-def _filesystem(path: str):
-    import pyarrow.fs
-    if "://" not in path:
-        return pyarrow.fs.LocalFileSystem(), path
-    return pyarrow.fs.FileSystem.from_uri(path)
-
-
-def exists(path: str) -> bool:
-    import pyarrow.fs
-    fs, rel = _filesystem(path)
-    return fs.get_file_info(rel).type == pyarrow.fs.FileType.File
-
-
-def write_bytes(path: str, payload: bytes) -> None:
-    """Written under a temporary name and moved: a task killed mid-write leaves no file
-    that looks finished."""
-    fs, rel = _filesystem(path)
-    fs.create_dir(rel.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(rel + ".tmp") as f:
-        f.write(payload)
-    fs.move(rel + ".tmp", rel)
-
-
 def read_state(path: str) -> dict:
     import torch
-    fs, rel = _filesystem(path)
-    with fs.open_input_stream(rel) as f:
-        payload = f.read()
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
 
 
 class _Curve(Reporter):
@@ -158,7 +133,7 @@ def run_one(values: dict, data: Optional[tuple], dest: str) -> dict:
     state = pretraining.pretrain(cfg, trial_data(cfg, data), curve)
     buffer = io.BytesIO()
     torch.save(pretraining.package(cfg, state, method_digest()), buffer)
-    write_bytes(dest, buffer.getvalue())
+    storage.write_bytes(dest, buffer.getvalue())
     best = state.get("pre_best") or {}
     return {"curve": curve.points, "seconds": time.time() - started,
             "best_val_dice": best.get("dice"), "best_step": best.get("step")}
@@ -194,7 +169,7 @@ def run_all(keys: dict, storage: str, sweep: str, shared: dict, points: dict, re
     for h, values in keys.items():
         runs[h] = mlflow_run(client, exp_id, parent_id, sweep, h, values)
         path = location(storage, h)
-        if exists(path):
+        if storage.kind(path) == "file":
             print(f"[pre-training {h}] reused: {path}", flush=True)
             done[h] = {"path": path}
             client.set_terminated(runs[h], status="FINISHED")

@@ -26,6 +26,7 @@ from buarl.errors import BuarlError  # noqa: E402
 from orchestrator.ray_env import (apply_env_defaults, env_while, live_local_cluster,  # noqa: E402
                                   local_cluster_env, worker_runtime_env, write_bootstrap)
 from orchestrator import pretrainings, studies  # noqa: E402
+from orchestrator import storage as storage_fs  # noqa: E402
 from orchestrator.redaction import redact  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
@@ -160,37 +161,40 @@ def space_digest(plan: Plan) -> str:
     return hashlib.sha256(plan.space.model_dump_json().encode()).hexdigest()[:16]
 
 
-def check_sweep_state(folder: Path, sweep: str, plan: Plan, resume: bool) -> None:
+def check_sweep_state(folder: str, sweep: str, plan: Plan, resume: bool) -> None:
     """A new sweep never writes into another's results; --resume continues only this sweep's
-    own state (Tune unpickles what it finds there: the folder is trusted input)."""
+    own state (Tune unpickles what it finds there: the folder is trusted input). `folder`:
+    local or remote (--storage's filesystem)."""
+    shown = redact(folder)
     if not resume:
-        if folder.exists():
-            raise SpaceError(f"sweep {sweep!r} already has results in {folder}: "
+        if storage_fs.kind(folder) != "none":
+            raise SpaceError(f"sweep {sweep!r} already has results in {shown}: "
                              f"add --resume to continue it, or --name NEW for a new sweep")
         return
-    if not folder.is_dir():
-        raise SpaceError(f"--resume: {folder} does not exist: nothing to resume for sweep {sweep!r} "
+    if storage_fs.kind(folder) != "dir":
+        raise SpaceError(f"--resume: {shown} does not exist: nothing to resume for sweep {sweep!r} "
                          "(check --storage and --name, or drop --resume)")
-    state = folder / "buarl_sweep.json"
-    if state.is_file():
-        saved = json.loads(state.read_text())
-        if saved.get("name") != sweep or saved.get("space_digest") != space_digest(plan):
-            raise SpaceError(f"--resume: {folder} was started from another space (or as another sweep: "
-                             f"{saved.get('name')!r}); resume it with its own space, or start anew with --name NEW")
-        planned = saved.get("trials_per_point")
-        if planned is not None and planned != plan.trials_per_point:
-            raise SpaceError(f"--resume: sweep {sweep!r} was planned with {planned} trial(s) per grid point, not "
-                             f"{plan.trials_per_point}: a sweep does not grow on --resume. Continue its search in a "
-                             f"new sweep: --name NEW --warm-start {sweep} --num-samples N")
+    state = f"{folder}/buarl_sweep.json"
+    if storage_fs.kind(state) != "file":
+        raise SpaceError(f"--resume: {shown} holds no buarl_sweep.json, so it is not a buarl sweep's folder "
+                         "(Tune would unpickle whatever is there); resume only your own sweeps")
+    saved = json.loads(storage_fs.read_bytes(state))
+    if saved.get("name") != sweep or saved.get("space_digest") != space_digest(plan):
+        raise SpaceError(f"--resume: {shown} was started from another space (or as another sweep: "
+                         f"{saved.get('name')!r}); resume it with its own space, or start anew with --name NEW")
+    planned = saved.get("trials_per_point")
+    if planned is not None and planned != plan.trials_per_point:
+        raise SpaceError(f"--resume: sweep {sweep!r} was planned with {planned} trial(s) per grid point, not "
+                         f"{plan.trials_per_point}: a sweep does not grow on --resume. Continue its search in a "
+                         f"new sweep: --name NEW --warm-start {sweep} --num-samples N")
 
 
-def write_sweep_state(folder: Path, sweep: str, plan: Plan) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    state = folder / "buarl_sweep.json"
-    if not state.exists():
-        state.write_text(json.dumps({"name": sweep, "space_digest": space_digest(plan),
-                                     "space_file": plan.space_file, "trials_per_point": plan.trials_per_point},
-                                    indent=2) + "\n")
+def write_sweep_state(folder: str, sweep: str, plan: Plan) -> None:
+    state = f"{folder}/buarl_sweep.json"
+    if storage_fs.kind(state) == "none":
+        storage_fs.write_bytes(state, (json.dumps(
+            {"name": sweep, "space_digest": space_digest(plan), "space_file": plan.space_file,
+             "trials_per_point": plan.trials_per_point}, indent=2) + "\n").encode())
 
 
 def check_data(plan: Plan) -> dict:
@@ -391,8 +395,7 @@ def open_outputs(args, plan: Plan, sweep: str):
     tracking_uri = args.tracking_uri or default_tracking_uri()
     storage = storage_dir(args)
     check_storage(storage)
-    if "://" not in storage:
-        check_sweep_state(Path(storage) / sweep, sweep, plan, args.resume)
+    check_sweep_state(f"{storage}/{sweep}", sweep, plan, args.resume)
     client = open_store(tracking_uri)
     if args.warm_start:
         if not plan.space.search:
@@ -407,8 +410,8 @@ def open_outputs(args, plan: Plan, sweep: str):
                           "Two local clusters on one machine take each other's bootstrap address and their "
                           "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
                           "then start every sweep with --address auto")
+    write_sweep_state(f"{storage}/{sweep}", sweep, plan)
     if "://" not in storage:
-        write_sweep_state(Path(storage) / sweep, sweep, plan)
         if args.warm_start and not args.resume:
             copied = studies.warm_start(Path(storage) / args.warm_start, studies.storage_url(f"{storage}/{sweep}"),
                                         [p.name for p in plan.points])

@@ -582,3 +582,21 @@ def test_an_unreachable_cluster_is_one_line_in_bounded_time(tmp_path):
     assert "--address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1" in out.stderr
     assert time.time() - start < 120
     assert not (tmp_path / "ray" / "phantom_tiny").exists()  # nothing written: the same command can run again
+
+
+def test_resume_checks_the_sweep_state_on_remote_storage_too(tmp_path, capsys):
+    """--resume hands the folder to Tune, which unpickles it: a folder that is not this sweep's
+    is refused before Ray, on a URI storage as on a local path (file:// is a URI here)."""
+    import json
+
+    from orchestrator.sweep import main as sweep_main
+    folder = tmp_path / "ray" / "phantom_tiny"
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"not ours")
+    args = ["--space", "phantom_tiny", "--resume", "--storage", (tmp_path / "ray").as_uri(),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert sweep_main(args) == 2
+    assert "holds no buarl_sweep.json" in capsys.readouterr().err
+    (folder / "buarl_sweep.json").write_text(json.dumps({"name": "other", "space_digest": "x"}))
+    assert sweep_main(args) == 2
+    assert "was started from another space (or as another sweep: 'other')" in capsys.readouterr().err
