@@ -25,7 +25,7 @@ from typing import Optional
 from buarl import pretraining
 from buarl.config import validate
 from buarl.train import Reporter
-from orchestrator import storage
+from orchestrator import storage as storage_fs
 
 FOLDER = "pretrain"
 TAG_KEY = "buarl.pretrain_key"
@@ -102,7 +102,7 @@ def location(storage: str, h: str) -> str:
 
 def read_state(path: str) -> dict:
     import torch
-    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(storage_fs.read_bytes(path)), map_location="cpu", weights_only=True)
 
 
 class _Curve(Reporter):
@@ -133,7 +133,7 @@ def run_one(values: dict, data: Optional[tuple], dest: str) -> dict:
     state = pretraining.pretrain(cfg, trial_data(cfg, data), curve)
     buffer = io.BytesIO()
     torch.save(pretraining.package(cfg, state, method_digest()), buffer)
-    storage.write_bytes(dest, buffer.getvalue())
+    storage_fs.write_bytes(dest, buffer.getvalue())
     best = state.get("pre_best") or {}
     return {"curve": curve.points, "seconds": time.time() - started,
             "best_val_dice": best.get("dice"), "best_step": best.get("step")}
@@ -169,7 +169,7 @@ def run_all(keys: dict, storage: str, sweep: str, shared: dict, points: dict, re
     for h, values in keys.items():
         runs[h] = mlflow_run(client, exp_id, parent_id, sweep, h, values)
         path = location(storage, h)
-        if storage.kind(path) == "file":
+        if storage_fs.kind(path) == "file":
             print(f"[pre-training {h}] reused: {path}", flush=True)
             done[h] = {"path": path}
             client.set_terminated(runs[h], status="FINISHED")

@@ -338,9 +338,8 @@ def test_a_killed_driver_reuses_the_finished_pretraining_and_forks_equal_a_whole
     """The driver killed once the shared pre-training is on storage and a trial runs: --resume
     reuses that pre-training (it is not made again), and each forked trial ends exactly where
     the same config ends when it pre-trains itself in this process (CPU)."""
-    space = {**SPACE, "grid": {"labeled": [2]}, "search": {}, "phantom_fixed": {
-        "pretrain_iters": 4, "iters": 40, "eval_every": 4, "log_every": 4},
-        "grid": {"labeled": [2], "switches": [{"url": False, "crl": False}, {"crl_mode": "soft", "tau_l": 0.3}]}}
+    space = {**SPACE, "search": {}, "phantom_fixed": {"pretrain_iters": 4, "iters": 40, "eval_every": 4, "log_every": 4},
+             "grid": {"labeled": [2], "switches": [{"url": False, "crl": False}, {"crl_mode": "soft", "tau_l": 0.3}]}}
     cmd, env = _sweep(tmp_path, space, "--threads", "1", name="fork")
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
