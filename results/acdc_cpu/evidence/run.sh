@@ -59,8 +59,11 @@ case ${1:-} in
     fi ;;
   tables)
     tuned=(); [ -f search_spaces/evidence_tuned.yaml ] && tuned=(--experiment evidence_tuned)
-    $PY -m orchestrator.tables --experiment evidence "${tuned[@]}" \
-      --tracking-uri "sqlite:///$PWD/$EXP/mlflow.db" --out results/acdc_cpu/evidence/tables
+    for checkpoint in best last; do  # tables/ (best on validation, as BCP) and tables_last/
+      $PY -m orchestrator.tables --experiment evidence "${tuned[@]}" --checkpoint $checkpoint \
+        --tracking-uri "sqlite:///$PWD/$EXP/mlflow.db" \
+        --out results/acdc_cpu/evidence/tables$([ $checkpoint = last ] && echo _last)
+    done
     if [ -d "$EXP/ray/evidence_search" ]; then
       $PY -m orchestrator.tables --experiment evidence_search --tracking-uri "sqlite:///$PWD/$EXP/mlflow.db" \
         --out results/acdc_cpu/evidence/search
