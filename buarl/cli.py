@@ -51,11 +51,11 @@ def _train(args) -> int:
     cfg = resolve(args.config, args.set, args.data_root)
     if args.pretrain_only and args.from_pretrained:
         raise ConfigError("--pretrain-only and --from-pretrained exclude each other")
-    start = None
+    start, env = None, environment()
     if args.from_pretrained:  # checked before anything is written
         obj = pretraining.read(Path(args.from_pretrained))
         start = pretraining.start_state(cfg, obj, f"--from-pretrained {args.from_pretrained}")
-        digest = environment()["buarl_digest"]
+        digest = env["buarl_digest"]
         if obj.get("digest") != digest:
             print(f"buarl: warning: --from-pretrained {args.from_pretrained} was made by other buarl code "
                   f"({obj.get('digest')}, this is {digest}); its hand-over may differ from this code's",
@@ -76,7 +76,7 @@ def _train(args) -> int:
     run_folder.write_config(out, cfg)
     run_folder.write_run_info(out, {"command": " ".join(shlex.quote(a) for a in sys.argv), "seed": cfg.seed,
                                     "data_root": cfg.data_root, "from_pretrained": args.from_pretrained,
-                                    **environment()})
+                                    **env})
     started = time.time()
     if args.pretrain_only:
         print(f"run folder {out} (config.yaml, run.json, train.log, {pretraining.FILE})")
@@ -85,7 +85,7 @@ def _train(args) -> int:
             state = pretraining.pretrain(cfg, data=data, reporter=reporter)
         finally:
             reporter.close()
-        pretraining.save(out / pretraining.FILE, cfg, state, environment()["buarl_digest"])
+        pretraining.save(out / pretraining.FILE, cfg, state, env["buarl_digest"])
         best = state.get("pre_best") or {}
         print(json.dumps({"wall_seconds": round(time.time() - started, 1), "pretrained": str(out / pretraining.FILE),
                           "best_pretrain_val_dice": best.get("dice"), "best_pretrain_step": best.get("step")},

@@ -22,6 +22,7 @@ from buarl.config import Config
 from buarl.errors import CheckpointError, ConfigError
 
 FORMAT = "buarl-pretrained-v1"
+FILE = "pretrained.pt"  # in a --pretrain-only run folder and a sweep's <storage>/pretrain/<hash>/
 
 # Every setting the pre-training stage reads: data and split, the network and its
 # arithmetic, the sampler, the optimizer and its schedule, the copy-paste loss, and when it
@@ -106,5 +107,3 @@ def start_state(cfg: Config, obj: dict, source: str, digest: Optional[str] = Non
                                f"({cfg.pretrain_iters})")
     return state
 
-
-FILE = "pretrained.pt"

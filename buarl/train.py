@@ -44,8 +44,7 @@ from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import pseudo_labels
 from buarl.method.teacher import decay_at, ema_update, make_teacher
 from buarl.method.uncertainty import entropy_map, mc_probs, perturb
-from buarl.method.weights import (crl_share, crl_weights, high_region, ramp, tau_u_at, url_term_region,
-                                  url_weights)
+from buarl.method.weights import ramp, tau_u_at, weight_maps
 from buarl.nets import build
 from buarl.nets.chunk_norm import norms_of, per_chunk
 from buarl.runtime import (autocast, compile_mode_of, compiled, device_of, memory_format, precision_of,
@@ -223,18 +222,9 @@ class Loop:
         labeled pixels in H (frac_high), of unlabeled pixels in L (frac_low) and the mean
         share of an unlabeled pixel's pseudo-label CRL keeps (crl_share)."""
         cfg = self.cfg
-        tau_u, ramp_value = schedule[0], schedule[1]
-        unlabeled = 1 - source
-        w_lab = url_weights(u, cfg.url, cfg.tau_l, cfg.lambda_url, cfg.region_mode, source, cfg.url_mode)
-        w_unl = crl_weights(u, cfg.crl, tau_u, cfg.lambda_crl, ramp_value, cfg.region_mode, unlabeled, cfg.crl_mode)
-        w = source * w_lab + unlabeled * w_unl
-        term = url_term_region(u, cfg.tau_l, cfg.region_mode, source) if cfg.url and cfg.url_mode == "term" else None
-        lab_area, unl_area = source.sum().clamp(min=1), unlabeled.sum().clamp(min=1)
-        stats = {"frac_high": (high_region(u, cfg.tau_l, cfg.region_mode, source) * source).sum() / lab_area,
-                 "frac_low": (crl_share(u, True, tau_u, cfg.region_mode, unlabeled) * unlabeled).sum() / unl_area,
-                 "crl_share": (crl_share(u, cfg.crl, tau_u, cfg.region_mode, unlabeled, cfg.crl_mode)
-                               * unlabeled).sum() / unl_area}
-        return w, term, stats
+        return weight_maps(u, source, url=cfg.url, crl=cfg.crl, tau_l=cfg.tau_l, tau_u=schedule[0],
+                           lambda_url=cfg.lambda_url, lambda_crl=cfg.lambda_crl, ramp_value=schedule[1],
+                           mode=cfg.region_mode, url_mode=cfg.url_mode, crl_mode=cfg.crl_mode)
 
     # ---- one iteration per base ----------------------------------------------------------
     def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
@@ -358,7 +348,10 @@ class Loop:
         final_model = copy.deepcopy(self.core)
         final_model.load_state_dict(weights)
         metrics = evaluate(final_model, self.data.test, self.cfg, self.device)
-        metrics["last"] = evaluate(copy.deepcopy(self.core), self.data.test, self.cfg, self.device)
+        # the best checkpoint is often the last iterate itself: its metrics, not a second pass
+        last_is_best = self.best["weights"] is None or self.best["step"] == self.step
+        metrics["last"] = (dict(metrics) if last_is_best
+                           else evaluate(copy.deepcopy(self.core), self.data.test, self.cfg, self.device))
         metrics.update(best_val_dice=self.best["dice"], best_step=self.best["step"],
                        iterations=self.step, train_seconds=time.time() - started)
         self.reporter.finish(metrics, weights)

@@ -26,6 +26,7 @@ from buarl import pretraining
 from buarl.config import validate
 from buarl.train import Reporter
 from orchestrator import storage as storage_fs
+from orchestrator.space import with_probe
 
 FOLDER = "pretrain"
 TAG_KEY = "buarl.pretrain_key"
@@ -61,10 +62,7 @@ def plan(plan) -> tuple[dict[str, dict], dict[str, str], list[str]]:
     searched_keys = sorted(set(plan.space.search) & set(pretraining.KEYS))
     for point in plan.points:
         values = {**plan.base, **point.values, "threads": plan.threads_per_worker}
-        probe = dict(values)
-        for key, dist in plan.space.search.items():
-            probe.setdefault(key, dist.choices[0] if hasattr(dist, "choices") else dist.low)
-        cfg = validate(probe, source=f"grid point {point.name}")
+        cfg = validate(with_probe(values, plan.space.search), source=f"grid point {point.name}")
         if not pretraining.forks(cfg):
             continue
         if not plan.space.shared_pretraining:
@@ -110,9 +108,6 @@ class _Curve(Reporter):
 
     def __init__(self):
         self.points: list[tuple[int, float]] = []
-
-    def log(self, step, scalars):
-        pass
 
     def checkpoint(self, step, metrics, state, is_best):
         self.points.append((step, float(metrics["val_dice"])))

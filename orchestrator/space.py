@@ -209,6 +209,12 @@ def _check_against_config(space: Space, path: Path) -> None:
                          f"(use {', '.join(REPORTED_METRICS)})")
 
 
+def with_probe(values: dict[str, Any], search: dict) -> dict[str, Any]:
+    """`values` with each searched key at a value the search can draw (the first choice or
+    the low bound): a config that every sample of the point makes valid when this one is."""
+    return {**values, **{k: d.choices[0] if isinstance(d, Categorical) else d.low for k, d in search.items()}}
+
+
 class GridPoint(BaseModel):
     name: str
     values: dict[str, Any]  # constants of this point: labeled, seed, switches
@@ -262,9 +268,7 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
     for labeled, seed, switches in itertools.product(space.grid.labeled, space.grid.seed, space.grid.switches):
         row = switches.get(ROW)
         values = {"labeled": labeled, "seed": seed, **{k: v for k, v in switches.items() if k != ROW}}
-        probe = {**base, **values}
-        for key, dist in space.search.items():  # any sample must make a valid config
-            probe[key] = dist.choices[0] if isinstance(dist, Categorical) else dist.low
+        probe = with_probe({**base, **values}, space.search)
         try:
             validate(probe, source=f"{space_file}: grid point {point_name(values)}")
         except ConfigError as e:

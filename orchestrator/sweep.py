@@ -204,14 +204,11 @@ def check_data(plan: Plan) -> dict:
     sharing one load: the trials get it (share_data) rather than reading the files again."""
     from buarl.config import validate
     from buarl.data import data_key, load_benchmark
-    from orchestrator.space import Categorical
+    from orchestrator.space import with_probe
     loaded, by_point = {}, {}
     start = time.time()
     for point in plan.points:
-        values = {**plan.base, **point.values}
-        for key, dist in plan.space.search.items():
-            values.setdefault(key, dist.choices[0] if isinstance(dist, Categorical) else dist.low)
-        cfg = validate(values, source=f"grid point {point.name}")
+        cfg = validate(with_probe({**plan.base, **point.values}, plan.space.search), source=f"grid point {point.name}")
         key = data_key(cfg)
         if key not in loaded:
             loaded[key] = load_benchmark(cfg)

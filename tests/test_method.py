@@ -10,7 +10,7 @@ from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import largest_component, pseudo_labels
 from buarl.method.teacher import decay_at, ema_update
 from buarl.method.uncertainty import entropy_map
-from buarl.method.weights import (crl_share, crl_weights, high_region, low_region, ramp, tau_u_at,
+from buarl.method.weights import (crl_share, crl_weights, high_region, low_region, ramp, tau_u_at, weight_maps,
                                   url_term_region, url_weights)
 
 
@@ -213,3 +213,25 @@ def test_stacked_largest_components_equal_one_mask_at_a_time(shape, connectivity
     got = largest_components(masks, connectivity)
     for i in range(shape[0]):
         assert np.array_equal(got[i], _largest_one_by_one(masks[i], connectivity)), i
+
+
+@pytest.mark.parametrize("mode", ["threshold", "quantile"])
+@pytest.mark.parametrize("url_mode, crl_mode", [("weight", "hard"), ("term", "soft"), ("weight", "soft")])
+@pytest.mark.parametrize("url, crl", [(True, True), (False, False)])
+def test_the_steps_weight_maps_are_the_per_pixel_formulas(mode, url_mode, crl_mode, url, crl):
+    """weight_maps (one pass over the regions, what the loop calls) against url_weights,
+    crl_weights and url_term_region composed by hand."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(2, 8, 8, generator=g)
+    source = (torch.rand(2, 8, 8, generator=g) > 0.5).float()
+    w, term, stats = weight_maps(u, source, url=url, crl=crl, tau_l=0.7, tau_u=0.4, lambda_url=2.0, lambda_crl=0.5,
+                                 ramp_value=0.8, mode=mode, url_mode=url_mode, crl_mode=crl_mode)
+    want = source * url_weights(u, url, 0.7, 2.0, mode, source, url_mode) + \
+        (1 - source) * crl_weights(u, crl, 0.4, 0.5, 0.8, mode, 1 - source, crl_mode)
+    assert torch.allclose(w, want)
+    if url and url_mode == "term":
+        assert torch.equal(term, url_term_region(u, 0.7, mode, source))
+    else:
+        assert term is None
+    lab = source.sum()
+    assert stats["frac_high"] == pytest.approx(float((high_region(u, 0.7, mode, source) * source).sum() / lab))

@@ -91,6 +91,28 @@ def crl_weights(u: torch.Tensor, enabled: bool, tau_u: Scalar, lambda_crl: float
     return lambda_crl * ramp_value * crl_share(u, enabled, tau_u, mode, within, reading)
 
 
+def weight_maps(u: torch.Tensor, source: torch.Tensor, *, url: bool, crl: bool, tau_l: Scalar, tau_u: Scalar,
+                lambda_url: float, lambda_crl: float, ramp_value: Scalar, mode: str = "threshold",
+                url_mode: str = "weight", crl_mode: str = "hard") -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+    """One step's weights from U and the source map S (1 labeled, 0 unlabeled): the per-pixel
+    weight (`url_weights` on S, `crl_weights` elsewhere), URL's term region
+    (`url_term_region`, under url_mode=term, else None) and the dose: the share of labeled
+    pixels in H (frac_high), of unlabeled pixels in L (frac_low) and the mean share of a
+    pseudo-label CRL keeps (crl_share). H and L are found once (a quantile threshold is a
+    sort per image)."""
+    unlabeled = 1 - source
+    high = high_region(u, tau_l, mode, source)
+    low = low_region(u, tau_u, mode, unlabeled)
+    share = low if crl and crl_mode == "hard" else crl_share(u, crl, tau_u, reading=crl_mode)
+    w_lab = 1.0 + lambda_url * high if url and url_mode == "weight" else torch.ones_like(u)
+    weight = source * w_lab + unlabeled * (lambda_crl * ramp_value * share)
+    term = high * source if url and url_mode == "term" else None
+    lab_area, unl_area = source.sum().clamp(min=1), unlabeled.sum().clamp(min=1)
+    stats = {"frac_high": (high * source).sum() / lab_area, "frac_low": (low * unlabeled).sum() / unl_area,
+             "crl_share": (share * unlabeled).sum() / unl_area}
+    return weight, term, stats
+
+
 def tau_u_at(t: int, total: int, tau_u: float, start: float | None) -> float:
     """tau_u, optionally ramped from `start` over training (UA-MT style)."""
     if start is None or total <= 0:
