@@ -238,6 +238,7 @@ class MlflowTrials(Callback):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         # shared pre-training hash -> its MLflow run: a forked trial's run links to it
         self.pretrained_runs = pretrained_runs or {}
+        self.linked: set[str] = set()  # trials whose run is tagged with its pre-training
         self.row = row
         self.sweep, self.point, self.base, self.digest = sweep, point, base, digest
         self.runs: dict[str, str] = {}
@@ -255,9 +256,8 @@ class MlflowTrials(Callback):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if _client is None:
-            raise StorageError("the sweep's MLflow callback was restored before the tracking store was opened")
-        self.client = _client
+        self.__dict__.setdefault("linked", set())  # pickled by a sweep started before the set
+        self.client = _client  # the sweep opens its store before Tune restores a grid point
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
@@ -284,25 +284,8 @@ class MlflowTrials(Callback):
             params = resolved_params({**self.base, **trial.config})
             from mlflow.entities import Param
             self.client.log_batch(run_id, params=[Param(k, redact(v)[:6000]) for k, v in sorted(params.items())])
-            self._link_pretraining(run_id, params)
         self.runs[trial.trial_id] = run_id
         return run_id
-
-    def _link_pretraining(self, run_id: str, params: dict) -> None:
-        """Tags the run with the shared pre-training it forks from (the trial finds the same
-        one by the same hash: orchestrator.trial.shared_start)."""
-        if not self.pretrained_runs:
-            return
-        from buarl.config import validate
-        from buarl.errors import ConfigError
-        from orchestrator.pretrainings import TAG_KEY, TAG_RUN, hash_of
-        try:
-            h = hash_of(validate(params, source="trial config"))
-        except ConfigError:
-            return
-        if h in self.pretrained_runs:
-            self.client.set_tag(run_id, TAG_KEY, h)
-            self.client.set_tag(run_id, TAG_RUN, self.pretrained_runs[h])
 
     def _last_logged(self, run_id: str, keys) -> tuple[int, set[str]]:
         """What a run reopened by --resume already holds: its last step and the keys at it."""
@@ -355,6 +338,14 @@ class MlflowTrials(Callback):
                       flush=True)
         if result.get("stop_reason"):
             self.client.set_tag(run_id, "buarl.stop_reason", redact(result["stop_reason"])[:5000])
+        forked = result.get("pretrained_from")
+        if isinstance(forked, str) and trial.trial_id not in self.linked:
+            # the trial reports the shared pre-training it loaded (orchestrator.trial.shared_start)
+            from orchestrator.pretrainings import TAG_KEY, TAG_RUN
+            self.client.set_tag(run_id, TAG_KEY, forked)
+            if forked in self.pretrained_runs:
+                self.client.set_tag(run_id, TAG_RUN, self.pretrained_runs[forked])
+            self.linked.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._live(trial)

@@ -57,10 +57,13 @@ class RayReporter(Reporter):
     ray.train, on a Train worker) or to Tune (ray.tune, in a one-worker trial's own process):
     both have report(metrics, checkpoint=), Checkpoint and get_checkpoint()."""
 
-    def __init__(self, cfg: Config, preview_cases: list, api):
+    def __init__(self, cfg: Config, preview_cases: list, api, pretrained: Optional[str] = None):
         import ray.train
         self.api = api
         self.cfg, self.preview_cases = cfg, preview_cases
+        # the shared pre-training this trial forked from (its hash): reported with every
+        # evaluation, so the driver links the run only when the trial really loaded it
+        self.pretrained = pretrained
         self.in_trial = api is not ray.train  # the loop runs in the Tune trial's own process
         self.rank = 0 if self.in_trial else ray.train.get_context().get_world_rank()
         self.scalars: dict[str, float] = {}
@@ -94,6 +97,7 @@ class RayReporter(Reporter):
         self.evaluations += 1
         self.last_eval = {k: metrics[k] for k in ("val_dice", "best_val_dice")}
         self.last_report = {**self.scalars, **metrics, "done": 0, "code_digest": self.digest, "report": 1,
+                            **({"pretrained_from": self.pretrained} if self.pretrained else {}),
                             "evaluations": self.evaluations, "resumed_from": self.resumed_from}
         self._report(self.last_report, lambda folder: write_state(folder, state, self.last_report))
 
@@ -218,21 +222,23 @@ def trial_data(cfg: Config, shared: Optional[tuple]):
     return load_benchmark(cfg)
 
 
-def shared_start(cfg: Config, pretrained: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
-    """(the state this trial forks from, or why it cannot run): the sweep's pre-training of
-    this trial's key (orchestrator.pretrainings), found by the hash of its settings and this
-    worker's code; (None, None) when there is none (the trial pre-trains itself)."""
+def shared_start(cfg: Config, pretrained: Optional[dict]) -> tuple[Optional[dict], Optional[str], Optional[str]]:
+    """(the state this trial forks from, why it cannot run, the pre-training's hash): the
+    sweep's pre-training of this trial's key (orchestrator.pretrainings), found by the hash
+    of its settings and this worker's code; all None when there is none (the trial
+    pre-trains itself)."""
     from buarl import pretraining
     from orchestrator.pretrainings import hash_of, read_state
     if not pretrained or not pretraining.forks(cfg):
-        return None, None
-    entry = pretrained.get(hash_of(cfg))
+        return None, None, None
+    h = hash_of(cfg)
+    entry = pretrained.get(h)
     if entry is None:
-        return None, None
+        return None, None, None
     if "error" in entry:
-        return None, entry["error"]
+        return None, entry["error"], h
     path = entry["path"]
-    return pretraining.start_state(cfg, read_state(path), path), None
+    return pretraining.start_state(cfg, read_state(path), path), None, h
 
 
 def run_loop(cfg: Config, api, wrap: Callable = lambda m: m, shared: Optional[tuple] = None,
@@ -242,12 +248,12 @@ def run_loop(cfg: Config, api, wrap: Callable = lambda m: m, shared: Optional[tu
     whose pre-training failed, ends early with its reason; it is not retried (it would fail
     again)."""
     data = trial_data(cfg, shared)
-    start, failed = shared_start(cfg, pretrained)
+    start, failed, forked_from = shared_start(cfg, pretrained)
     if failed:
         api.report({"failed": 1, "stop_reason": failed, "val_dice": 0.0, "best_val_dice": 0.0, "done": 1})
         return
     try:
-        train(cfg, RayReporter(cfg, data.val or data.test, api), wrap=wrap, data=data, start=start)
+        train(cfg, RayReporter(cfg, data.val or data.test, api, forked_from), wrap=wrap, data=data, start=start)
     except TrainingDiverged as e:
         api.report({"diverged": 1, "stop_reason": str(e), "val_dice": 0.0, "best_val_dice": 0.0, "done": 1})
 
