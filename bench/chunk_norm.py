@@ -1,5 +1,5 @@
 """G1 (issue 12): the network called once for both chunks, its batch norms normalising each
-chunk apart (`SplitForward(one_call=True)`, `buarl/nets/chunk_norm.py`), against one call
+chunk apart (`buarl/fast/chunk_norm.py`, the engine's `SplitForward`), against one call
 per chunk:
 
 - accuracy: outputs, parameter gradients and running statistics of each way (eager and
@@ -8,7 +8,7 @@ per chunk:
   2 x 2 volumes of 32³; dropout off (its masks are random draws);
 - CPU time of a bf16 forward and backward at the `acdc_cpu` shape (UNet, 128², batch 16,
   2 chunks), both ways alternated, eager and compiled (inductor, default mode). (On a GPU:
-  `bench/gpu.py --phases compiled,calls`.)
+  not measured.)
 
 Writes bench/results/chunk_norm.json (or --out).
 
@@ -26,7 +26,16 @@ from pathlib import Path
 import torch
 
 from buarl.nets import build
-from buarl.train import SplitForward
+from buarl.engine import SplitForward
+from buarl.fast.chunk_norm import norms_of, with_chunk_norms
+
+
+def split(core: torch.nn.Module, one_call: bool):
+    """x, chunks -> the network on each chunk: one call, its norms per chunk (the fast twin),
+    or a call per chunk (the plain computation)."""
+    if one_call:
+        return SplitForward(core, norms_of(with_chunk_norms(core)))
+    return lambda x, chunks: torch.cat([core(part) for part in x.chunk(chunks)])
 
 
 def _no_dropout(net: torch.nn.Module) -> torch.nn.Module:
@@ -38,7 +47,7 @@ def _no_dropout(net: torch.nn.Module) -> torch.nn.Module:
 def _run(net: torch.nn.Module, x: torch.Tensor, one_call: bool, compile: bool):
     net = copy.deepcopy(net)
     core = torch.compile(net, dynamic=False) if compile else net
-    out = SplitForward(core, one_call)(x, 2)
+    out = split(core, one_call)(x, 2)
     out.square().mean().backward()
     return out, net
 
@@ -77,7 +86,7 @@ def cpu_time(repeats: int) -> dict:
     for mode in ("eager", "compiled"):
         nets = {one_call: copy.deepcopy(net) for one_call in (False, True)}
         ways = {("one call" if one_call else "per chunk"):
-                SplitForward(torch.compile(n, dynamic=False) if mode == "compiled" else n, one_call)
+                split(torch.compile(n, dynamic=False) if mode == "compiled" else n, one_call)
                 for one_call, n in nets.items()}
 
         def step(way):

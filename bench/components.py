@@ -1,5 +1,5 @@
 """G1 (issue 12): how many sweeps the device clean-up of the pseudo-labels (the largest
-connected component per class, `buarl.method.pseudo`) needs to reach its fixed point, with
+connected component per class, `buarl.fast.components`) needs to reach its fixed point, with
 ids spread one voxel per sweep (the sweep before hooking, kept here as the reference) and
 with hooking (the current sweep), on label maps of the protocol's shapes:
 
@@ -33,12 +33,13 @@ from scipy import ndimage
 
 from buarl.config import load_config
 from buarl.data import load_benchmark
+from buarl.fast import components
 from buarl.method import pseudo
 
 
 def spread_only(ids, inside, fg, connectivity):
     """The sweep before hooking: each id the minimum over its neighbours, then one jump."""
-    new = torch.where(inside, pseudo._min_neighbour(ids, connectivity), float("inf")).flatten()
+    new = torch.where(inside, components._min_neighbour(ids, connectivity), float("inf")).flatten()
     return torch.where(fg, new[torch.where(fg, new, 0).long()], new).reshape(ids.shape)
 
 
@@ -85,11 +86,11 @@ def measure(name: str, batches: list[torch.Tensor], classes: int, connectivity: 
         masks = torch.stack([labels == c for c in range(1, classes)], 1).flatten(0, 1)
         want = pseudo.largest_components(masks.numpy(), connectivity)
         row = {}
-        for way, sweep in (("spread", spread_only), ("hooked", pseudo._sweep)):
+        for way, sweep in (("spread", spread_only), ("hooked", components._sweep)):
             n, ids, seconds = sweeps_to_fixed_point(masks, sweep, connectivity)
-            kept = pseudo._keep_largest(ids[:, 0], masks).numpy()
+            kept = components._keep_largest(ids[:, 0], masks).numpy()
             assert np.array_equal(kept, want), (name, way)
-            row[way] = {"sweeps": n, "calls": math.ceil(n / pseudo.SWEEPS_PER_CHECK) + 1, "cpu_s": seconds}
+            row[way] = {"sweeps": n, "calls": math.ceil(n / components.SWEEPS_PER_CHECK) + 1, "cpu_s": seconds}
         rows.append(row)
     summary = {"masks": f"{len(batches)} batches of {tuple(masks.shape)} ({connectivity} connectivity)"}
     for way in ("spread", "hooked"):
@@ -101,7 +102,7 @@ def measure(name: str, batches: list[torch.Tensor], classes: int, connectivity: 
     summary["calls_ratio"] = summary["spread"]["calls_mean"] / summary["hooked"]["calls_mean"]
     print(f"{name:>5}: sweeps {summary['spread']['sweeps_mean']:.1f} -> {summary['hooked']['sweeps_mean']:.1f} "
           f"(max {summary['spread']['sweeps_max']} -> {summary['hooked']['sweeps_max']}), calls of "
-          f"{pseudo.SWEEPS_PER_CHECK} {summary['spread']['calls_mean']:.2f} -> {summary['hooked']['calls_mean']:.2f}, "
+          f"{components.SWEEPS_PER_CHECK} {summary['spread']['calls_mean']:.2f} -> {summary['hooked']['calls_mean']:.2f}, "
           f"CPU ms per sweep {1e3 * summary['spread']['cpu_s_per_sweep']:.1f} -> "
           f"{1e3 * summary['hooked']['cpu_s_per_sweep']:.1f}", flush=True)
     return summary
@@ -115,7 +116,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "components.json"))
     args = p.parse_args()
-    results = {"sweeps_per_check": pseudo.SWEEPS_PER_CHECK, "torch": torch.__version__,
+    results = {"sweeps_per_check": components.SWEEPS_PER_CHECK, "torch": torch.__version__,
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "command": "python bench/components.py" + (f" --acdc {args.acdc}" if args.acdc else "")
                + (f" --la {args.la}" if args.la else "") + f" --batches {args.batches} --seed {args.seed}"}

@@ -34,7 +34,7 @@ from buarl.data import load_benchmark
 from buarl.evaluate import CLASS_NAMES, METRICS, crop_to_objects, evaluate, surface_distances
 from buarl.inference import predict
 from buarl.nets import build
-from buarl.runtime import to_device
+from buarl.engine import to_device
 
 TARGET_S = 15.0  # issue 12, G5, on 2 CPU cores (BCP's own test script: 31 s)
 

@@ -38,22 +38,10 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     """One measured run of the loop; prints and returns its speeds. `eager_glue`: a compiled
     run's tensor code around the network (the copy-paste batch, the loss, the pseudo-label
     clean-up) left eager, only the network compiled (the A/B). `overrides`: config keys set on
-    top of the bench's own (e.g. split_calls=one; a baseline's code may predate a key)."""
+    top of the bench's own (a baseline's code may predate a key)."""
     import logging
 
     import torch
-
-    if eager_glue:
-        import buarl.train as loop_module
-        init = loop_module.Loop.__init__
-
-        def eager_rest_init(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            self.compile_rest, self.region_loss = False, loop_module.region_loss
-            if hasattr(self, "bcp_batch_eager"):  # (a baseline's code may predate it)
-                self.bcp_batch = self.bcp_batch_eager
-
-        loop_module.Loop.__init__ = eager_rest_init
 
     from buarl.config import load_config
     from buarl.train import Reporter, train
@@ -88,7 +76,23 @@ def worker(kind: str, data_root: str | None, iters: int, device: str, smoke: boo
     logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs").addHandler(skips)
     clock = Clock()
     began = time.perf_counter()
-    metrics = train(cfg, clock)
+    engine = None
+    if eager_glue:  # the network compiled, the tensor code around it eager: an engine subclass
+        from buarl.data import load_benchmark
+        from buarl.engine import Engine
+
+        class EagerGlue(Engine):
+            def tensor_code(self, name, fn):
+                return self.prepare(name, fn)
+
+            def graph(self, fn):
+                return fn
+
+        data = load_benchmark(cfg)
+        engine = EagerGlue(cfg, data.dim)
+        metrics = train(cfg, clock, data=data, engine=engine)
+    else:
+        metrics = train(cfg, clock)
     ended = time.perf_counter()
     (s0, t0, w0), (s1, t1, w1) = clock.marks[min(2, len(clock.marks) - 2)], clock.marks[-1]
     out = {"kind": kind, "config": config, "iters": iters, "compile": compile_mode, "eager_glue": eager_glue,
@@ -210,12 +214,11 @@ def main() -> None:
                    help="labeled LA scans (4 = 5 %%; fewer for a small subset: the speed is the same)")
     p.add_argument("--compile", default=None,
                    help="also measure with torch.compile: modes tried in order until one works, comma-separated "
-                        "(none, default, reduce-overhead, max-autotune; default: reduce-overhead,default on a GPU, "
+                        "(none, default, reduce-overhead; default: reduce-overhead,default on a GPU, "
                         "none with --smoke)")
     p.add_argument("--phases", default="compiled,g2,g3",
                    help="what to measure beside eager G1 + G5 (always: every ratio is to it): comma-separated "
-                        "compiled, glue (compiled once more with only the network compiled), calls (compiled once "
-                        "more with a network call per chunk: split_calls=per_chunk), g2, g3")
+                        "compiled, glue (compiled once more with only the network compiled), g2, g3")
     p.add_argument("--tag", default="", help="names the run in its results file (gpu_<card>_<tag>.json), e.g. mps")
     p.add_argument("--worker", choices=["acdc", "la"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -230,10 +233,10 @@ def main() -> None:
                a.overrides)
         return
     phases = set(a.phases.split(",")) - {""}
-    if phases - {"compiled", "glue", "calls", "g2", "g3"}:
+    if phases - {"compiled", "glue", "g2", "g3"}:
         raise SystemExit(f"bench/gpu.py: --phases {a.phases!r}: expected a comma-separated list of "
-                         "compiled, glue, calls, g2, g3")
-    known = ("none", "default", "reduce-overhead", "max-autotune")
+                         "compiled, glue, g2, g3")
+    known = ("none", "default", "reduce-overhead")
     if any(m not in known for m in (a.compile or "none").split(",")):
         raise SystemExit(f"bench/gpu.py: --compile {a.compile!r}: expected a comma-separated list of {', '.join(known)}")
     if not a.smoke and not a.acdc:
@@ -321,18 +324,6 @@ def main() -> None:
                 glue_eager_it_per_s=round(glue[0]["it_per_s"], 2), glue_eager_gpu_util_pct=util_glue,
                 over_glue_eager=round(comp_speed / glue[0]["it_per_s"], 2))
             save("solo compiled, glue eager")
-    if compiled_mode and "calls" in phases:
-        # one call is the default since bench/launches.py counted 84 fewer kernel launches per
-        # iteration with it (no two backwards' gradients to sum)
-        per_chunk, util_pc = measure(f"G1 {compiled_mode}, a network call per chunk", "acdc", a.acdc, 1, acdc_l,
-                                     mode=compiled_mode, overrides={"split_calls": "per_chunk"})
-        if per_chunk:
-            report["G1_acdc_solo_compiled"].update(
-                per_chunk_it_per_s=round(per_chunk[0]["it_per_s"], 2), per_chunk_gpu_util_pct=util_pc,
-                one_call_over_per_chunk=round(comp_speed / per_chunk[0]["it_per_s"], 2),
-                per_chunk_loss_last=per_chunk[0].get("loss_last"),
-                **{f"per_chunk_{k}": per_chunk[0][k] for k in ("cudagraph_skips", "graph_breaks") if k in per_chunk[0]})
-            save("solo compiled, a call per chunk")
 
     if "g2" in phases:
         packed, util_packed = measure("G2 eager", "acdc", a.acdc, a.packed, acdc_l)

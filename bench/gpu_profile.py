@@ -24,7 +24,7 @@ from bench.iterations import iterations_only  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--acdc", help="ACDC data root (default: the phantom)")
-    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"])
     p.add_argument("--iters", type=int, default=20, help="iterations timed, then as many profiled")
     p.add_argument("--warmup", type=int, default=30, help="iterations first (compilation, cuDNN's choices)")
     p.add_argument("--device", default="cuda")

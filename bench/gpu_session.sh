@@ -51,7 +51,9 @@ echo "[$(( $(date +%s) - START )) s] data unpacked"
 # (tests/test_fast_paths.py on the CPU), and what one ACDC pseudo-label batch's clean-up costs
 python3 - <<'PY'
 import time, numpy as np, torch
-from buarl.method.pseudo import keep_largest_torch, largest_components, largest_components_torch
+from buarl.engine import _graph
+from buarl.fast.components import KeepLargest
+from buarl.method.pseudo import largest_components
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(0)
 for shape in [(36, 256, 256), (2, 64, 64, 48)]:
@@ -59,7 +61,8 @@ for shape in [(36, 256, 256), (2, 64, 64, 48)]:
         m = rng.random(shape) < 0.3
         # compiled: ACDC's shape and connectivity only (the timing below reuses that graph)
         for compiled in (False, True) if (len(shape), conn) == (3, "full") else (False,):
-            same = np.array_equal(largest_components_torch(torch.from_numpy(m).to(dev), conn, compiled).cpu().numpy(),
+            keep = KeepLargest(2, conn, _graph if compiled else (lambda fn: fn))
+            same = np.array_equal(keep(torch.from_numpy(m).long().to(dev)).bool().cpu().numpy(),
                                   largest_components(m, conn))
             print(f"device components == scipy on {dev}, {shape}, {conn}, compiled={compiled}: {same}")
 # 12 unlabeled 256x256 images, 4 classes (acdc): blobs like a teacher's argmax
@@ -67,12 +70,13 @@ g = torch.Generator().manual_seed(0)
 labels = torch.nn.functional.avg_pool2d(torch.randn(12, 4, 256, 256, generator=g), 15, 1, 7).argmax(1).to(dev)
 reps = 20 if dev == "cuda" else 1  # (the CPU smoke only checks the path)
 for compiled in (False, True):
+    keep = KeepLargest(4, "full", _graph if compiled else (lambda fn: fn))
     for _ in range(3 if dev == "cuda" else 1):
-        keep_largest_torch(labels, 4, "full", compiled)
+        keep(labels)
     torch.cuda.synchronize() if dev == "cuda" else None
     t = time.perf_counter()
     for _ in range(reps):
-        keep_largest_torch(labels, 4, "full", compiled)
+        keep(labels)
     torch.cuda.synchronize() if dev == "cuda" else None
     print(f"clean-up of a 12 x 256 x 256 batch, compiled={compiled}: {(time.perf_counter() - t) / reps * 1000:.2f} ms")
 PY

@@ -139,16 +139,11 @@ def count(events, begin_us: float, end_us: float) -> dict:
 def worker(data_root: str, iters: int, timed: int, overrides: dict) -> dict:
     """One variant, in this process (`buarl` from BENCH_BUARL, else this checkout)."""
     import functools
-    from unittest import mock
 
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import buarl.data.acdc  # noqa: F401 (imported before the scan for `upload` below)
-    import buarl.data.augment as augment
-    import buarl.method.pseudo as pseudo
-    import buarl.runtime as runtime
-    import buarl.train as loop_module
+    from buarl.engine import Engine
 
     def part(name, fn):
         @functools.wraps(fn)
@@ -157,47 +152,38 @@ def worker(data_root: str, iters: int, timed: int, overrides: dict) -> dict:
                 return fn(*args, **kwargs)
         return wrapped
 
-    # the GPU's code paths, on the CPU
-    def device_pseudo_labels(probs, lcc, connectivity="full", compiled=False):
-        labels = probs.argmax(1)
-        return pseudo.keep_largest_torch(labels, probs.shape[1], connectivity, compiled) if lcc else labels
+    marks = []
+    # host work in a GPU run, counted apart: the sampler's and the augmentation's draws
+    parts = {"draws": "host", "pseudo_labels": "pseudo_labels", "batch": "batch", "teacher": "teacher_probs",
+             "student": "forward", "loss": "loss", "bcp_batch": "bcp_batch", "box_mask": "box_mask", "ema": "ema"}
 
-    one_pass = functools.partial(augment.augment_batch_2d, one_pass=True)
-    sgd = torch.optim.SGD
-    patches = [
-        mock.patch.object(loop_module, "pseudo_labels", part("pseudo_labels", device_pseudo_labels)),
-        mock.patch("buarl.data.acdc.augment_batch_2d", part("augment", one_pass)),
-        mock.patch.object(torch.optim, "SGD", lambda *a, **k: sgd(*a, **{**k, "fused": True})),
-        # host work in a GPU run: the draws and the affine maps built from them
-        mock.patch.object(augment, "draw_2d", part("host", augment.draw_2d)),
-        mock.patch.object(augment, "_theta", part("host", augment._theta)),
-        mock.patch.object(augment, "_rot90_flip_theta", part("host", augment._rot90_flip_theta)),
-        *([mock.patch.object(augment, "_thetas", part("host", augment._thetas))] if hasattr(augment, "_thetas") else []),
-        mock.patch.object(loop_module, "box_mask", part("box_mask", loop_module.box_mask)),
-        mock.patch.object(loop_module, "ema_update", part("ema", loop_module.ema_update)),
-    ]
-    # every module's own name for `upload` (a baseline may predate it)
-    uploads = [module for name, module in list(sys.modules.items())
-               if name.startswith("buarl.") and getattr(module, "upload", None) is getattr(runtime, "upload", False)]
-    patches += [mock.patch.object(module, "upload", part("upload", runtime.upload)) for module in uploads]
-    for p in patches:
-        p.start()
+    class Counted(Engine):
+        """The GPU's code paths on the CPU (fast twins, fused SGD), every step callable
+        wrapped in a profiler range named after its part, and the iterations marked."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.device_paths = True
+
+        def prepare(self, name, fn):
+            return part(parts.get(name, name), fn)
+
+        def upload(self, values):
+            with record_function("part:upload"):
+                return super().upload(values)
+
+        def step_begin(self):
+            with record_function("iteration"):
+                marks.append(time.perf_counter())
+            super().step_begin()
+
+        def optimizer(self, params, lr, momentum, weight_decay):
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
     loop, steps = iterations_only("acdc", {"data_root": data_root, "labeled": 3, "device": "cpu",
-                                           "compile": "default", **overrides})
+                                           "compile": "default", **overrides}, Counted)
     loop.sampler.next = part("host", loop.sampler.next)
-    loop.data.batch = part("batch", loop.data.batch)
-    for name in ("teacher_probs", "schedule", "forward", "loss"):
-        setattr(loop, name, part(name, getattr(loop, name)))
-    loop.bcp_batch = part("bcp_batch", loop.bcp_batch)
-    marks = []
-
-    def mark(mode, _step_begin=loop_module.step_begin):
-        with record_function("iteration"):
-            marks.append(time.perf_counter())
-        _step_begin(mode)
-
-    loop_module.step_begin = mark
+    loop.schedule = part("schedule", loop.schedule)
 
     began = time.perf_counter()
     steps(3)  # compilation
@@ -237,7 +223,7 @@ def main() -> None:
     p.add_argument("--small-timed", type=int, default=200, help="iterations timed per variant at 32²")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds of the 32² variants, one after another in each (this machine drifts)")
-    p.add_argument("--variants", default='{"default": {}, "split_calls_one": {"split_calls": "one"}}',
+    p.add_argument("--variants", default='{"default": {}}',
                    help="JSON: name -> config overrides, each run on this checkout")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "launches.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON overrides: run one variant here

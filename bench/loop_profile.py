@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from buarl.config import load_config
+from buarl.engine import Forward
 from buarl.data import load_benchmark
 from buarl.data.acdc import AcdcData
 from buarl.data.sampling import TwoStreamSampler
@@ -29,13 +30,13 @@ from buarl.method.mixing import box_mask, mix
 from buarl.method.pseudo import pseudo_labels
 from buarl.method.teacher import ema_update
 from buarl.method.uncertainty import entropy_map
-from buarl.runtime import cpu_has_fast_bf16
+from buarl.engine import cpu_has_fast_bf16
 from buarl.train import Loop, Reporter
 
 # part -> the functions whose cumulative time it is (none calls another of the list)
 PARTS = {
     "network: teacher forward": [Loop.teacher_probs],
-    "network: student forward": [Loop.forward],
+    "network: student forward": [Forward.__call__],
     "network: backward": [torch.Tensor.backward],
     "network: optimizer step": [torch.optim.SGD.step, torch.optim.Optimizer.zero_grad],
     "data + augmentation": [AcdcData.batch, TwoStreamSampler.next],

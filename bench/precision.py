@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from buarl.nets import UNet, VNet
-from buarl.runtime import cpu_has_fast_bf16
+from buarl.engine import cpu_has_fast_bf16
 
 SHAPES = {"2d": (UNet, (16, 1, 128, 128)),     # acdc_cpu: batch 16 at 128^2
           "3d": (VNet, (8, 1, 64, 64, 48))}    # la_cpu: batch 8, patch 64x64x48

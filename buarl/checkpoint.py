@@ -54,6 +54,6 @@ def load_into(model: nn.Module, weights: dict, path: Path) -> None:
 def config_of(obj: dict, path: Path) -> Config:
     from buarl.errors import ConfigError
     try:
-        return validate(obj["config"], source=f"checkpoint {path}")
+        return validate(obj["config"], source=f"checkpoint {path}", stored=True)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None

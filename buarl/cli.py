@@ -110,7 +110,7 @@ def _evaluate(args) -> int:
     from buarl.data import load_benchmark
     from buarl.evaluate import evaluate
     from buarl.nets import build
-    from buarl.runtime import device_of, to_device
+    from buarl.engine import device_of, to_device
 
     ckpt = Path(args.checkpoint)
     obj = read(ckpt)

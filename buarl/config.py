@@ -108,16 +108,10 @@ class Config(BaseModel):
     precision: Literal["auto", "bf16", "fp32", "amp"] = "auto"
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")
-    # torch.compile of the training forwards (student and teacher); reduce-overhead adds
-    # CUDA graphs, since kernel launches bound a GPU iteration (BENCHMARKS.md, G1).
-    # auto: reduce-overhead on a bf16 GPU run of one worker; none on CPUs (compiling costs
-    # more than a short run gains), under DDP and with fp16 AMP. Evaluation stays eager.
-    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
-    # How a split forward (`split_forward`) calls the network: `one` call whose batch norms
-    # normalise each chunk apart, or a call `per_chunk` (the same numbers: nets/chunk_norm.py).
-    # `one` has no gradients of two backwards to sum, so a compiled run launches fewer
-    # kernels (BENCHMARKS.md, G1: bench/launches.py).
-    split_calls: Literal["per_chunk", "one"] = "one"
+    # torch.compile of the training step (networks and the tensor code around them);
+    # reduce-overhead adds CUDA graphs. auto: reduce-overhead on a bf16 GPU run of one worker,
+    # none on CPUs, under DDP and with fp16 AMP (buarl/engine.py). Evaluation stays eager.
+    compile: Literal["auto", "none", "default", "reduce-overhead"] = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -199,7 +193,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def validate(values: dict[str, Any], source: str = "config") -> Config:
+# Keys of earlier versions that changed only speed: a stored config (checkpoint, model
+# folder) that has them still loads, without them.
+RETIRED = ("split_calls",)
+
+
+def validate(values: dict[str, Any], source: str = "config", stored: bool = False) -> Config:
+    """The config of `values`; `stored`: written by an earlier run, its retired keys dropped."""
+    if stored:
+        values = {k: v for k, v in values.items() if k not in RETIRED}
     try:
         return Config(**values)
     except ValidationError as e:

@@ -20,7 +20,7 @@ from buarl.data.acdc import to_size
 from buarl.data.types import Case
 from buarl.method.pseudo import largest_component
 from buarl.method.uncertainty import entropy_map
-from buarl.runtime import autocast, memory_format
+from buarl.engine import autocast, memory_format
 
 
 @torch.no_grad()

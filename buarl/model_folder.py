@@ -76,7 +76,7 @@ def write_model(out: Path, weights: dict, cfg: Config, metrics: Optional[dict], 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
     """The network in eval mode on `device` and its config; a wrong folder is one clear error."""
     from buarl.nets import build
-    from buarl.runtime import to_device
+    from buarl.engine import to_device
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -87,7 +87,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
             if (folder / "best.pt").exists() else ""
         raise ModelFolderError(f"--model {folder}: not a buarl model folder, {' and '.join(missing)} missing{hint}")
     try:
-        cfg = validate(yaml.safe_load((folder / "config.yaml").read_text()) or {}, source=f"{folder / 'config.yaml'}")
+        cfg = validate(yaml.safe_load((folder / "config.yaml").read_text()) or {}, source=f"{folder / 'config.yaml'}", stored=True)
     except yaml.YAMLError as e:
         raise ModelFolderError(f"{folder / 'config.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
     except ConfigError as e:

@@ -31,7 +31,7 @@ FILE = "pretrained.pt"  # in a --pretrain-only run folder and a sweep's <storage
 KEYS = ("dataset", "data_root", "labeled", "val_cases", "image_size", "patch_size", "batch_size", "labeled_bs",
         "lr", "lr_schedule", "momentum", "weight_decay", "pretrain_iters", "eval_every", "paste_ratio",
         "pretrain_loss", "dice_smooth", "dice_form", "la_stride_xy", "la_stride_z",
-        "seed", "precision", "device", "compile", "split_calls")
+        "seed", "precision", "device", "compile")
 
 
 class PretrainMismatch(ConfigError):

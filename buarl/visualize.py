@@ -17,7 +17,7 @@ from buarl.data.acdc import to_size
 from buarl.data.types import Case
 from buarl.method.uncertainty import entropy_map
 from buarl.method.weights import high_region, low_region
-from buarl.runtime import autocast
+from buarl.engine import autocast
 
 
 def _views(case: Case, cfg: Config) -> tuple[np.ndarray, np.ndarray]:

@@ -76,12 +76,10 @@ def test_learning_rate_is_constant_across_both_stages_as_bcps_acdc(acdc_phantom)
         pytest.approx([0.01, 0.01, 0.001, 0.0001])
 
 
-@pytest.mark.parametrize("split_calls", ["per_chunk", "one"])
-def test_pseudo_labels_come_from_a_train_mode_teacher_in_two_calls_of_half(acdc_phantom, split_calls):
+def test_pseudo_labels_come_from_a_train_mode_teacher_in_two_calls_of_half(acdc_phantom):
     """BCP calls its train-mode teacher once per unlabeled half, so each batch norm sees one
-    half. `per_chunk` makes those two calls; `one` makes one call whose norms take the halves
-    apart."""
-    loop = Loop(_cfg(acdc_phantom, pretrain_iters=0, iters=1, split_calls=split_calls), Reporter(), lambda m: m)
+    half: the loop makes one call whose norms take the halves apart."""
+    loop = Loop(_cfg(acdc_phantom, pretrain_iters=0, iters=1), Reporter(), lambda m: m)
     calls = []
     norm = next(m for m in loop.teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     loop.teacher.register_forward_pre_hook(lambda mod, args: calls.append((mod.training, args[0].shape[0],
@@ -90,7 +88,7 @@ def test_pseudo_labels_come_from_a_train_mode_teacher_in_two_calls_of_half(acdc_
     x_l, y_l = loop.data.batch(lab, loop.gen)
     loop.bcp_step(x_l, y_l, loop.data.batch(unl, loop.gen)[0], t=0)
     # phantom: 4 unlabeled images, BCP's two teacher calls of 2 (ACDC: 2 of 6), no labeled call
-    assert calls == ([(True, 2, 1), (True, 2, 1)] if split_calls == "per_chunk" else [(True, 4, 2)])
+    assert calls == [(True, 4, 2)]
 
 
 def test_self_training_starts_from_the_best_pretraining_checkpoint(acdc_phantom, monkeypatch):
@@ -196,13 +194,12 @@ def _lcc_8(labels):
 
 def _bcp_step_then_rewind(loop):
     """One batch through the loop's bcp step, then its box draw and dropout RNG rewound, so
-    the hand-written reference repeats the same draws, call for call. With `split_calls=one`
-    the loop draws both halves' dropout masks in one call, BCP in two (the same draws in
-    another order): dropout goes off in both networks, which the reference shares."""
-    if loop.cfg.split_calls == "one":
-        for module in (*loop.core.modules(), *loop.teacher.modules()):
-            if isinstance(module, torch.nn.modules.dropout._DropoutNd):  # Dropout and VNet's Dropout3d
-                module.p = 0.0
+    the hand-written reference repeats the same draws, call for call. The loop draws both
+    halves' dropout masks in one call, BCP in two (the same draws in another order): dropout
+    goes off in both networks, which the reference shares."""
+    for module in (*loop.core.modules(), *loop.teacher.modules()):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):  # Dropout and VNet's Dropout3d
+            module.p = 0.0
     lab, unl = loop.sampler.next()
     x_l, y_l = loop.data.batch(lab, loop.gen)
     x_u = loop.data.batch(unl, loop.gen)[0]
@@ -213,10 +210,8 @@ def _bcp_step_then_rewind(loop):
     return loss, x_l, y_l, x_u
 
 
-@pytest.mark.parametrize("split_calls", ["per_chunk", "one"])
-def test_bcp_loss_equals_bcps_mix_loss_with_two_forwards_of_half(acdc_phantom, split_calls):
-    loop = Loop(_cfg(acdc_phantom, pretrain_iters=0, iters=1, batch_size=8, labeled_bs=4, split_calls=split_calls),
-                Reporter(), lambda m: m)
+def test_bcp_loss_equals_bcps_mix_loss_with_two_forwards_of_half(acdc_phantom):
+    loop = Loop(_cfg(acdc_phantom, pretrain_iters=0, iters=1, batch_size=8, labeled_bs=4), Reporter(), lambda m: m)
     loss, x_l, y_l, x_u = _bcp_step_then_rewind(loop)
     h = 2
     img_a, img_b, lab_a, lab_b = x_l[:h], x_l[h:], y_l[:h], y_l[h:]
@@ -303,9 +298,8 @@ def test_la_pretraining_loss_is_ce_plus_dice_over_the_whole_mixed_volume(la_phan
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("split_calls", ["per_chunk", "one"])
-def test_la_bcp_loss_equals_bcps_la_mix_loss(la_phantom, split_calls):
-    loop = Loop(_la_cfg(la_phantom, pretrain_iters=0, iters=1, split_calls=split_calls), Reporter(), lambda m: m)
+def test_la_bcp_loss_equals_bcps_la_mix_loss(la_phantom):
+    loop = Loop(_la_cfg(la_phantom, pretrain_iters=0, iters=1), Reporter(), lambda m: m)
     loss, x_l, y_l, x_u = _bcp_step_then_rewind(loop)
     teacher, model = loop.teacher.train(), loop.core
     with torch.no_grad():  # BCP's LA get_cut_mask: p(class 1) >= 0.5, largest 26-connected component

@@ -63,28 +63,6 @@ def test_compiled_phase_is_measured_beside_eager_and_its_failure_is_a_result(mon
     assert ("acdc", 4, "reduce-overhead") not in calls
 
 
-def test_the_calls_phase_times_one_call_against_a_call_per_chunk(monkeypatch, capsys):
-    """`--phases compiled,calls`: the compiled G1 once more with `split_calls=per_chunk`,
-    reported beside the compiled G1 (the default, one call) as their ratio."""
-    gpu = _load_gpu()
-    calls = []
-
-    def fake_phase(kind, root, iters, n, device, smoke, labeled, test_cases, compile_mode="none", eager_glue=False,
-                   overrides=None):
-        calls.append((kind, n, compile_mode, overrides))
-        each = {"none": 20.0, "reduce-overhead": 40.0}[compile_mode] * (0.8 if overrides else 1.0)
-        return [{"it_per_s": each, "evaluation_s": 4.0, "test_cases": 40, "gpu": "NVIDIA H100",
-                 "loss_last": 1.0}] * n, 75.0
-    monkeypatch.setattr(gpu, "phase", fake_phase)
-    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke", "--compile", "reduce-overhead", "--phases", "compiled,calls"])
-    gpu.main()
-    report = json.loads(capsys.readouterr().out)["G1_acdc_solo_compiled"]
-    assert calls == [("acdc", 1, "none", None), ("acdc", 1, "reduce-overhead", None),
-                     ("acdc", 1, "reduce-overhead", {"split_calls": "per_chunk"})]
-    assert report["it_per_s"] == 40.0 and report["per_chunk_it_per_s"] == 32.0
-    assert report["one_call_over_per_chunk"] == 1.25
-
-
 def test_a_failed_compile_mode_falls_back_to_the_next(monkeypatch, capsys):
     gpu = _load_gpu()
     calls = []

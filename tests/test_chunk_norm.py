@@ -1,4 +1,4 @@
-"""Per-chunk batch norm in one call (buarl/nets/chunk_norm.py) is batch norm run on each
+"""Per-chunk batch norm in one call (buarl/fast/chunk_norm.py) is batch norm run on each
 chunk in turn: outputs, gradients and running statistics."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from buarl.nets.chunk_norm import BatchNorm2d, BatchNorm3d, norms_of, per_chunk, per_chunk_batch_norm
+from buarl.fast.chunk_norm import BatchNorm2d, BatchNorm3d, norms_of, per_chunk, per_chunk_batch_norm
 
 
 def test_two_chunks_by_hand():
@@ -86,10 +86,16 @@ def test_a_batch_that_does_not_split_evenly_is_refused():
     assert bn.chunks == 1
 
 
-def test_the_networks_norms_are_per_chunk_norms():
+def test_the_engine_turns_every_norm_of_a_network_into_its_per_chunk_twin():
+    """The networks hold plain batch norm; the engine's twins keep each norm's state dict."""
+    from buarl.fast.chunk_norm import with_chunk_norms
     from buarl.nets import build
 
     for dataset, norm in (("acdc", BatchNorm2d), ("la", BatchNorm3d)):
         net = build(dataset, 2)
         plain = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        assert plain and norms_of(net) == plain and all(type(m) is norm for m in plain)
+        assert plain and norms_of(net) == []
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        assert with_chunk_norms(net) is net
+        assert norms_of(net) == plain and all(type(m) is norm for m in plain)
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and net.state_dict().keys() == before.keys()

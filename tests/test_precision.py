@@ -8,7 +8,7 @@ import torch
 
 from buarl.config import load_config
 from buarl.nets.vnet import Conv3d, VNet
-from buarl.runtime import precision_of
+from buarl.engine import precision_of
 from buarl.train import Reporter, train
 
 

@@ -124,7 +124,7 @@ def test_mt_mse_step_is_labeled_loss_plus_masked_softmax_mse(acdc_phantom):
     loop.gen.set_state(gen_state)
     torch.set_rng_state(rng_state)
     with torch.no_grad():
-        logits = loop.forward(torch.cat([x_l, x_u]))
+        logits = loop.student(torch.cat([x_l, x_u]))
         p_t = loop.teacher_probs(perturb(x_u, loop.gen))
         low = low_region(entropy_map(p_t), 0.5, "quantile")  # per image: below its median U
         sup = region_loss(logits[:2], y_l, torch.ones_like(y_l, dtype=torch.float), torch.ones_like(y_l, dtype=torch.float))

@@ -12,7 +12,6 @@ from buarl.data.augment import augment_batch_2d
 from buarl.data.checks import inside, read_case, read_list, require_root
 from buarl.data.types import Case
 from buarl.errors import DataError
-from buarl.runtime import upload
 
 
 def patient_of(slice_name: str) -> str:
@@ -78,14 +77,6 @@ class AcdcData:
         names = names[:limit] if limit else names
         return [Case(n, *read_case(inside(self.root, f"data/{n}.h5", list_file), 4, 3)) for n in names]
 
-    def to(self, device: torch.device) -> "AcdcData":
-        """Keep the training slices on the run's device: a batch is then a gather and a few
-        augmentation ops there, with no per-iteration host-to-device copy."""
-        self.images, self.labels = self.images.to(device), self.labels.to(device)
-        return self
-
-    def batch(self, idx: list[int], gen: torch.Generator,
-              compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slices `idx`, augmented; `compiled`: the augmentation as a compiled graph."""
-        ix = upload(idx, self.images.device)
-        return augment_batch_2d(self.images[ix], self.labels[ix].long(), gen, compiled=compiled)
+    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slices `idx`, augmented (SSL4MIS's RandomGenerator), on the host."""
+        return augment_batch_2d(self.images[idx], self.labels[idx].long(), gen)

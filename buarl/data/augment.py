@@ -12,20 +12,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from buarl.runtime import graph_of, upload
 
 
 def _u(gen: torch.Generator) -> float:
     return float(torch.rand((), generator=gen))
 
 
-def _theta(degrees: float) -> torch.Tensor:
+def rotation_theta(degrees: float) -> torch.Tensor:
     a = math.radians(degrees)
     return torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
 
 
 def _rotate(image: torch.Tensor, label: torch.Tensor, degrees: float):
-    theta = _theta(degrees)
+    theta = rotation_theta(degrees)
     stacked = torch.cat([image, label[None].float()], 0)[None]  # (1, 2, H, W)
     grid = F.affine_grid(theta[None], list(stacked.shape), align_corners=False)
     out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
@@ -56,66 +55,30 @@ def augment_2d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
     return image.contiguous(), label.contiguous()
 
 
-def _rot90_flip_theta(k: int, axis: int) -> torch.Tensor:
-    """`torch.rot90(., k, (H, W))` then a flip of H (axis 0) or W (axis 1), as the affine map
-    of output to input coordinates that `affine_grid` takes (x along W, y along H). On a
-    square image with align_corners=False it sends pixel centres to pixel centres, so nearest
-    sampling reproduces rot90 and flip exactly."""
-    quarter = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # rot90 k=1: out[i, j] = in[j, N-1-i]
-    flip = torch.diag(torch.tensor([1.0, -1.0] if axis == 0 else [-1.0, 1.0]))
-    return torch.cat([torch.linalg.matrix_power(quarter, k) @ flip, torch.zeros(2, 1)], 1)
-
-
-def _thetas(draws: list[tuple[str, int, int, float]]) -> torch.Tensor:
-    """Each draw as the affine map `affine_grid` takes, stacked (B, 2, 3), on the host:
-    rot90 + flip exactly, a rotation by its angle, "none" the identity (0 degrees)."""
-    return torch.stack([_rot90_flip_theta(k, axis) if kind == "rot90" else _theta(degrees)
-                        for kind, k, axis, degrees in draws])
-
-
-def _sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
-    """Images and labels through one affine_grid + grid_sample (nearest) per sample's theta
-    (on the images' device)."""
-    stacked = torch.cat([images, labels[:, None].to(images.dtype)], 1)
-    grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
-    out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out[:, :1].contiguous(), out[:, 1].round().to(labels.dtype)
-
-
-def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
-                     one_pass: bool | None = None, compiled: bool = False):
-    """images (B, 1, H, W), labels (B, H, W) with H == W, on any device: the draws of
-    `augment_2d` sample by sample, applied batched. `one_pass` (the default off the CPU):
-    one affine_grid + grid_sample over the whole batch, rot90 + flip being affine maps too
-    and "none" the identity, so that a GPU step launches a handful of kernels whatever the
-    draws. Else (the CPU's default, where sampling every pixel costs twice the copies): one
-    rot90 + flip per (k, axis) group and one grid_sample for the rotated samples. Both equal
-    `augment_2d` per sample (tests/test_fast_paths.py). `compiled` (a compiled run's): the
-    one pass as one compiled graph."""
+def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+    """images (B, 1, H, W), labels (B, H, W): the draws of `augment_2d` sample by sample,
+    applied in a few batched ops: one rot90 + flip per (k, axis) group and one grid_sample for
+    the rotated samples (equal to `augment_2d` per sample; a device uses the one-pass twin in
+    fast/augment.py)."""
     if images.shape[-1] != images.shape[-2]:
         pairs = [augment_2d(i, l, gen) for i, l in zip(images, labels)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     draws = [draw_2d(gen) for _ in range(len(images))]
-    if one_pass is None:
-        one_pass = images.device.type != "cpu"
-    if one_pass:
-        # compiled: one graph instead of about ten small kernels for the affine grid alone
-        sample = graph_of(_sample) if compiled else _sample
-        return sample(images, labels, upload(_thetas(draws), images.device))
     images, labels = images.clone(), labels.clone()
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (kind, k, axis, _) in enumerate(draws):
         if kind == "rot90":
             groups.setdefault((k, axis), []).append(i)
     for (k, axis), members in groups.items():
-        ix = upload(members, images.device)
-        images[ix] = torch.flip(torch.rot90(images[ix], k, (2, 3)), (axis + 2,))
-        labels[ix] = torch.flip(torch.rot90(labels[ix], k, (1, 2)), (axis + 1,))
+        images[members] = torch.flip(torch.rot90(images[members], k, (2, 3)), (axis + 2,))
+        labels[members] = torch.flip(torch.rot90(labels[members], k, (1, 2)), (axis + 1,))
     rotated = [i for i, d in enumerate(draws) if d[0] == "rotate"]
     if rotated:
-        ix = upload(rotated, images.device)
-        theta = torch.stack([_theta(draws[i][3]) for i in rotated])
-        images[ix], labels[ix] = _sample(images[ix], labels[ix], upload(theta, images.device))
+        theta = torch.stack([rotation_theta(draws[i][3]) for i in rotated]).to(images.device)
+        stacked = torch.cat([images[rotated], labels[rotated][:, None].to(images.dtype)], 1)
+        grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
+        out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        images[rotated], labels[rotated] = out[:, :1], out[:, 1].round().to(labels.dtype)
     return images, labels
 
 

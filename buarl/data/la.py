@@ -45,14 +45,8 @@ class LaData:
     def _case(self, name: str, list_file: Path) -> Case:
         return Case(name, *read_case(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), 2, 3))
 
-    def to(self, device: torch.device) -> "LaData":
-        """Scans stay on the host: each batch is a random crop of them, copied to the device
-        by the loop (4 patches of 112 x 112 x 80 per step)."""
-        return self
-
-    def batch(self, idx: list[int], gen: torch.Generator,
-              compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scans `idx`, cropped and augmented on the host (`compiled`: nothing to compile)."""
+    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scans `idx`, each cropped to the patch and augmented, on the host."""
         images, labels = [], []
         for i in idx:
             image, label = random_crop_3d(self.train[i].image, self.train[i].label, self.patch, gen)

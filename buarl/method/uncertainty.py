@@ -6,7 +6,6 @@ import math
 import torch
 from torch import nn
 
-from buarl.runtime import upload
 
 
 def entropy_map(probs: torch.Tensor) -> torch.Tensor:
@@ -17,9 +16,8 @@ def entropy_map(probs: torch.Tensor) -> torch.Tensor:
 
 def perturb(x: torch.Tensor, gen: torch.Generator | None, noise: float = 0.1) -> torch.Tensor:
     """x + Gaussian noise of std `noise` clamped to +-2 noise (UA-MT / SSL4MIS teacher input),
-    drawn on the CPU generator so that runs are identical across devices (and uploaded
-    without waiting for the card)."""
-    eps = upload(torch.randn(x.shape, generator=gen, device="cpu"), x.device) * noise
+    drawn on the CPU generator so that runs are identical across devices."""
+    eps = torch.randn(x.shape, generator=gen, device="cpu").to(x.device) * noise
     return x + eps.clamp(-2 * noise, 2 * noise)
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from buarl.nets.chunk_norm import BatchNorm2d
 
 
 class ConvBlock(nn.Sequential):
     def __init__(self, cin: int, cout: int, p: float):
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1), BatchNorm2d(cout), nn.LeakyReLU(),
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
             nn.Dropout(p),
-            nn.Conv2d(cout, cout, 3, padding=1), BatchNorm2d(cout), nn.LeakyReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
         )
 
 

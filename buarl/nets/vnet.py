@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from buarl.nets.chunk_norm import BatchNorm3d
-
 
 class Conv3d(nn.Conv3d):
     """nn.Conv3d that avoids a oneDNN defect: on the CPU in bf16, the weight gradient of a
@@ -26,16 +24,16 @@ class Conv3d(nn.Conv3d):
 def _stage(n: int, cin: int, cout: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n):
-        layers += [Conv3d(cin if i == 0 else cout, cout, 3, padding=1), BatchNorm3d(cout), nn.ReLU(inplace=True)]
+        layers += [Conv3d(cin if i == 0 else cout, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, 2, stride=2), BatchNorm3d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv3d(cin, cout, 2, stride=2), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
 
 
 def _up(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose3d(cin, cout, 2, stride=2), BatchNorm3d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.ConvTranspose3d(cin, cout, 2, stride=2), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
 
 
 class VNet(nn.Module):

@@ -1,16 +1,13 @@
-"""Batch norm that can normalise each of k equal parts of a batch by its own statistics,
-within one call of the network.
+"""Batch norm that normalises each of k equal parts of a batch by its own statistics within
+one call of the network: the fast twin of k calls, one per part (BCP forwards its two mixed
+batches as two calls, so each is normalised by its own statistics and the running statistics
+take two momentum steps).
 
-BCP forwards its two mixed batches as two calls of the network, so each is normalised by
-its own statistics and the running statistics take two momentum steps. Two calls are
-twice the kernels (or CUDA-graph launches) of the convolutions, and their backward sums
-every parameter's two gradients (BENCHMARKS.md, G1). With `chunks = k` (set by
-`per_chunk`) a norm layer normalises each part apart, with the running statistics of k
-calls in a row, while every other layer of the network sees the whole batch at once.
-Eager, it runs batch norm on each part in turn and concatenates (bit-equal to k calls).
-Compiled, it is written as reductions over a (k, n, C, ...) view (`per_chunk_batch_norm`):
-with the concatenation, inductor's CPU code made a compiled step 1.65x slower than calls
-per part; with these reductions it is as fast (bench/chunk_norm.py).
+One call runs every other layer once on the whole batch and its backward has no two
+gradients per parameter to sum. Eager, a norm layer runs batch norm on each part in turn and
+concatenates (bit-equal to k calls); compiled, it is written as reductions over a
+(k, n, C, ...) view (`per_chunk_batch_norm`), which inductor's code runs faster than the
+concatenation (bench/chunk_norm.py). tests/test_chunk_norm.py checks both against k calls.
 """
 from __future__ import annotations
 
@@ -67,6 +64,18 @@ class BatchNorm2d(_PerChunk, nn.BatchNorm2d):
 
 class BatchNorm3d(_PerChunk, nn.BatchNorm3d):
     pass
+
+
+_TWINS = {nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+def with_chunk_norms(module: nn.Module) -> nn.Module:
+    """`module` with each plain batch norm turned into its per-chunk twin, in place: the same
+    parameters, buffers and state-dict keys, plain batch norm until `per_chunk` asks."""
+    for m in module.modules():
+        if type(m) in _TWINS:
+            m.__class__ = _TWINS[type(m)]
+    return module
 
 
 def norms_of(module: nn.Module) -> list[nn.Module]:
