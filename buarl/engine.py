@@ -181,7 +181,7 @@ class Engine:
     def place(self, net: nn.Module) -> nn.Module:
         """The network on the device in the run's memory format, its batch norms able to
         normalise parts of a batch apart (plain batch norm until a split forward asks)."""
-        return with_chunk_norms(net).to(device=self.device, memory_format=self.fmt)
+        return to_device(with_chunk_norms(net), self.cfg, self.device, self.dim)
 
     def network(self, net: nn.Module) -> nn.Module:
         """A module as training calls it: itself, or torch.compile'd. The compiled wrapper

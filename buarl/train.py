@@ -93,7 +93,8 @@ class RunningMeans:
         self.n += 1
 
     def read(self) -> dict[str, float]:
-        means = {k: float(v) / self.n for k, v in self.sums.items()}
+        values = torch.stack([v.float() for v in self.sums.values()]).tolist()  # the one host read
+        means = {k: v / self.n for k, v in zip(self.sums, values)}
         self.sums, self.n = {}, 0
         return means
 

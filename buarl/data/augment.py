@@ -55,6 +55,15 @@ def augment_2d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
     return image.contiguous(), label.contiguous()
 
 
+def affine_sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
+    """images (B, 1, H, W) and labels (B, H, W) through one affine_grid + grid_sample
+    (nearest) with each sample's theta (B, 2, 3), on the images' device."""
+    stacked = torch.cat([images, labels[:, None].to(images.dtype)], 1)
+    grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
+    out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out[:, :1].contiguous(), out[:, 1].round().to(labels.dtype)
+
+
 def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
     """images (B, 1, H, W), labels (B, H, W): the draws of `augment_2d` sample by sample,
     applied in a few batched ops: one rot90 + flip per (k, axis) group and one grid_sample for
@@ -75,10 +84,7 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
     rotated = [i for i, d in enumerate(draws) if d[0] == "rotate"]
     if rotated:
         theta = torch.stack([rotation_theta(draws[i][3]) for i in rotated]).to(images.device)
-        stacked = torch.cat([images[rotated], labels[rotated][:, None].to(images.dtype)], 1)
-        grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
-        out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        images[rotated], labels[rotated] = out[:, :1], out[:, 1].round().to(labels.dtype)
+        images[rotated], labels[rotated] = affine_sample(images[rotated], labels[rotated], theta)
     return images, labels
 
 

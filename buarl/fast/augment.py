@@ -5,9 +5,8 @@ per-sample augmentation (tests/test_fast_paths.py)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from buarl.data.augment import draw_2d, rotation_theta
+from buarl.data.augment import affine_sample, draw_2d, rotation_theta
 
 
 def rot90_flip_theta(k: int, axis: int) -> torch.Tensor:
@@ -28,13 +27,8 @@ def draw_thetas(n: int, gen: torch.Generator) -> torch.Tensor:
                         for kind, k, axis, degrees in draws])
 
 
-def sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
-    """images (B, 1, H, W) and labels (B, H, W) through one affine_grid + grid_sample
-    (nearest) per sample's theta (on the images' device)."""
-    stacked = torch.cat([images, labels[:, None].to(images.dtype)], 1)
-    grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
-    out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out[:, :1].contiguous(), out[:, 1].round().to(labels.dtype)
+# the one pass itself is the plain affine sampling, over the whole batch
+sample = affine_sample
 
 
 def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
