@@ -7,7 +7,7 @@
 #   PARITY=1 bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #   STAGES=profile,mps MPS_PHASES=compiled,g2 bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #   STAGES=bench,profile BENCH_PHASES=compiled,glue bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
-#   STAGES=baseline,bench,profile BENCH_PHASES=compiled,calls BENCH_TAG=after bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
+#   STAGES=baseline,bench,profile BENCH_PHASES=compiled BENCH_TAG=after bash bench/gpu_session.sh OUT_DIR [BUDGET_S]
 #
 # It needs, carried beside the checkout (all git-ignored; see BENCHMARKS.md "GPU session" and the header below):
 #   .gpu_data/acdc.u8.xz + unpack_acdc.py   ../shared/tools/pack_acdc.py's ACDC (8-bit images)

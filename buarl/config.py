@@ -1,9 +1,14 @@
-"""Every run setting in one flat, validated model.
+"""Every run setting, validated, in three sections a reader can tell apart:
 
-Keys are flat (``tau_l``, not ``method.url.tau``) so that a sweep or ``--set`` can name
-any of them directly. ``load_config`` resolves a shipped name or a YAML path, applies
-overrides and validates the result; every problem becomes one ``ConfigError`` naming the
-key, the value and what was expected.
+- ``method``: what BUARL (or its base) does; changing it changes the method;
+- ``protocol``: the experiment around it: data, label ratio, schedule, evaluation, seed;
+- ``execution``: device, precision, compile, threads: how fast a run goes, never its results.
+
+A YAML file may write the sections (``method: {tau_l: 0.3}``, as the shipped configs and a
+run's ``config.yaml`` do) or flat keys; a sweep's space and ``--set`` name keys flat
+(``tau_l=0.3``), and code reads them flat (``cfg.tau_l``). ``load_config`` resolves a
+shipped name or a YAML path, applies overrides and validates the result; every problem
+becomes one ``ConfigError`` naming the key, the value and what was expected.
 """
 from __future__ import annotations
 
@@ -19,17 +24,9 @@ from buarl.errors import ConfigError
 SHIPPED = ("acdc", "acdc_cpu", "la", "la_cpu", "phantom", "phantom_la")
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    # data
-    dataset: Literal["acdc", "la"] = "acdc"
-    data_root: Optional[str] = None  # None: a generated phantom in the cache folder
-    labeled: int = Field(7, ge=1, description="ACDC: patients; LA: scans")
-    val_cases: int = Field(0, ge=0, description="0: all; LA: scans held out of train.list")
-    test_cases: int = Field(0, ge=0, description="0: all test cases (else the first N)")
-
-    # method
+class Method(BaseModel):
+    """What the method does: the base, URL and CRL with their readings, the teacher, the losses.
+    Each choice a reference makes differently is named in docs/method_choices.md."""
     base: Literal["supervised", "mt", "bcp"] = "bcp"
     # mt's unlabeled loss: the teacher's hard pseudo-labels (method.md) or SSL4MIS's MSE
     # between student and teacher softmax, the teacher seeing the input with noise.
@@ -77,8 +74,19 @@ class Config(BaseModel):
     # two pasted regions (weight 1 each); `whole`, LA's CE + Dice over the whole mixed image.
     pretrain_loss: Optional[Literal["regions", "whole"]] = None
     paste_ratio: float = Field(2 / 3, gt=0.0, lt=1.0)
+    # BCP's self-training starts from the best-on-validation pre-training checkpoint (ACDC:
+    # with its optimizer state; LA: a fresh optimizer); `last`: the last pre-training iterate.
+    self_train_init: Literal["best", "last"] = "best"
+    self_train_optimizer: Literal["keep", "reset"] = "keep"
 
-    # optimisation
+
+class Protocol(BaseModel):
+    """The experiment around the method: data and label ratio, schedule, evaluation, seed."""
+    dataset: Literal["acdc", "la"] = "acdc"
+    data_root: Optional[str] = None  # None: a generated phantom in the cache folder
+    labeled: int = Field(7, ge=1, description="ACDC: patients; LA: scans")
+    val_cases: int = Field(0, ge=0, description="0: all; LA: scans held out of train.list")
+    test_cases: int = Field(0, ge=0, description="0: all test cases (else the first N)")
     image_size: int = Field(256, ge=16, description="ACDC: square training size")
     patch_size: list[int] = Field(default_factory=lambda: [112, 112, 80])
     batch_size: int = Field(24, ge=1)
@@ -89,22 +97,19 @@ class Config(BaseModel):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     pretrain_iters: int = Field(10000, ge=0)
-    # BCP's self-training starts from the best-on-validation pre-training checkpoint (ACDC:
-    # with its optimizer state; LA: a fresh optimizer); `last`: the last pre-training iterate.
-    self_train_init: Literal["best", "last"] = "best"
-    self_train_optimizer: Literal["keep", "reset"] = "keep"
     iters: int = Field(30000, ge=1)
     eval_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
-
-    # evaluation
     empty_policy: Literal["reference", "strict"] = "reference"
     la_stride_xy: int = Field(18, ge=1)
     la_stride_z: int = Field(4, ge=1)
     la_lcc: bool = False
-
-    # execution
     seed: int = Field(1337, ge=0)
+
+
+class Execution(BaseModel):
+    """Where and how fast a run goes: the same method and protocol give the same results
+    (bit for bit on a CPU) whatever these say, up to the precision's rounding."""
     precision: Literal["auto", "bf16", "fp32", "amp"] = "auto"
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")
@@ -112,6 +117,11 @@ class Config(BaseModel):
     # reduce-overhead adds CUDA graphs. auto: reduce-overhead on a bf16 GPU run of one worker,
     # none on CPUs, under DDP and with fp16 AMP (buarl/engine.py). Evaluation stays eager.
     compile: Literal["auto", "none", "default", "reduce-overhead"] = "auto"
+
+
+class Config(Execution, Protocol, Method):
+    """A run's settings: the fields of the three sections, addressed flat (``cfg.tau_l``)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -152,26 +162,81 @@ class Config(BaseModel):
         return 4 if self.dataset == "acdc" else 2
 
     def to_dict(self) -> dict[str, Any]:
+        """Flat JSON values (checkpoints, hashes, MLflow params)."""
         return self.model_dump(mode="json")
+
+    def inapplicable(self) -> frozenset[str]:
+        """Keys this run never reads: the other dataset's, and those of a base it does not
+        run (what a sweep leaves out of a run's logged params)."""
+        keys = {"patch_size", "la_stride_xy", "la_stride_z", "la_lcc"} if self.dataset == "acdc" else {"image_size"}
+        if self.base != "mt":
+            keys.add("mt_consistency")
+        if self.base != "bcp":  # BCP's pre-training, its copy-paste and the hand-over to self-training
+            keys |= {"pretrain_iters", "pretrain_loss", "paste_ratio", "self_train_init", "self_train_optimizer"}
+        return frozenset(keys)
+
+    def sectioned(self) -> dict[str, dict[str, Any]]:
+        """JSON values under their sections, in the order of the model (for files people read)."""
+        values = self.to_dict()
+        return {name: {k: values[k] for k in keys} for name, keys in SECTIONS.items()}
+
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "method": tuple(Method.model_fields), "protocol": tuple(Protocol.model_fields),
+    "execution": tuple(Execution.model_fields)}
+SECTION_OF = {key: name for name, keys in SECTIONS.items() for key in keys}
+
+
+def flatten(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Flat keys of a mapping that may hold sections: a key must sit in its own section, and
+    may not be given both flat and in a section."""
+    flat = {k: v for k, v in values.items() if k not in SECTIONS}
+    for name in SECTIONS:
+        if name not in values:
+            continue
+        section = values[name]
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section {name!r}: expected a mapping of keys, got {section!r}")
+        for key, value in section.items():
+            home = SECTION_OF.get(key)
+            if home is not None and home != name:
+                raise ConfigError(f"{source}: key {key!r} belongs in section {home!r}, not {name!r}")
+            if key in flat:
+                raise ConfigError(f"{source}: key {key!r} is given twice (flat and in section {name!r})")
+            flat[key] = value
+    return flat
+
+
+def yaml_problem(path: Path | str, e: yaml.YAMLError) -> str:
+    """`FILE:LINE:COLUMN: not valid YAML (what)`: where an editor jumps to the mistake."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}"
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        context += f" that starts at line {start.line + 1}"
+    return f"{where}: not valid YAML ({what}{f', {context}' if context else ''})"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+        raise ConfigError(yaml_problem(path, e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
+    return flatten(data, source=str(path))
 
 
 def base_values(name_or_path: str) -> dict[str, Any]:
     """Raw values of a shipped config name or a YAML file (not yet validated)."""
     if name_or_path in SHIPPED:
         text = resources.files("buarl.configs").joinpath(f"{name_or_path}.yaml").read_text()
-        return yaml.safe_load(text) or {}
+        return flatten(yaml.safe_load(text) or {}, source=f"shipped config {name_or_path!r}")
     path = Path(name_or_path)
     if not path.is_file():
         raise ConfigError(
@@ -200,6 +265,7 @@ RETIRED = ("split_calls",)
 
 def validate(values: dict[str, Any], source: str = "config", stored: bool = False) -> Config:
     """The config of `values`; `stored`: written by an earlier run, its retired keys dropped."""
+    values = flatten(values, source=source)
     if stored:
         values = {k: v for k, v in values.items() if k not in RETIRED}
     try:

@@ -22,7 +22,7 @@ ARTIFACTS = (CONFIG, METRICS, BEST, REGIONS)  # what a finished trial leaves in 
 
 
 def write_config(folder: Path, cfg: Config) -> None:
-    (Path(folder) / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    (Path(folder) / CONFIG).write_text(yaml.safe_dump(cfg.sectioned(), sort_keys=False))
 
 
 def write_metrics(folder: Path, metrics: dict) -> None:

@@ -10,7 +10,7 @@ import torch
 from medpy import metric
 
 from buarl.cli import main
-from buarl.config import load_config, parse_overrides
+from buarl.config import SECTIONS, Config, Execution, load_config, parse_overrides
 from buarl.data import LOADER_FIELDS, data_key, load_benchmark
 from buarl.data.acdc import labeled_slice_count
 from buarl.data.sampling import TwoStreamSampler
@@ -53,7 +53,49 @@ def test_cli_bad_config_is_one_line_and_exit_2(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("iters: [1, 2\n")
     assert main(["train", "--config", str(bad)]) == 2
-    assert "not valid YAML" in capsys.readouterr().err
+    assert f"{bad}:2:1: not valid YAML" in capsys.readouterr().err  # file, line and column
+
+
+def test_every_key_sits_in_exactly_one_section():
+    keys = [k for section in SECTIONS.values() for k in section]
+    assert sorted(keys) == sorted(Config.model_fields) and len(keys) == len(set(keys))
+    assert set(SECTIONS["execution"]) == {"device", "precision", "compile", "threads"}
+    assert {"tau_l", "tau_u", "lambda_url", "ema_decay", "crl_mode"} <= set(SECTIONS["method"])
+    assert {"dataset", "labeled", "iters", "eval_every", "seed"} <= set(SECTIONS["protocol"])
+
+
+def test_sectioned_and_flat_yaml_load_the_same(tmp_path):
+    flat, sectioned = tmp_path / "flat.yaml", tmp_path / "sectioned.yaml"
+    flat.write_text("dataset: la\ntau_l: 0.3\nlabeled_bs: 2\nbatch_size: 4\ncompile: none\n")
+    sectioned.write_text("method: {tau_l: 0.3}\nprotocol: {dataset: la, labeled_bs: 2, batch_size: 4}\n"
+                         "execution: {compile: none}\n")
+    a, b = load_config(str(flat)), load_config(str(sectioned), {"tau_u": 0.2})
+    assert b.tau_l == a.tau_l == 0.3 and b.dataset == "la" and b.compile == "none"
+    assert b.to_dict() == {**a.to_dict(), "tau_u": 0.2}  # flat overrides reach sectioned files
+
+
+def test_resolved_config_round_trips_through_its_sections(tmp_path):
+    cfg = load_config("la_cpu", {"tau_l": 0.25, "threads": 1})
+    nested = cfg.sectioned()
+    assert list(nested) == ["method", "protocol", "execution"]
+    assert nested["method"]["tau_l"] == 0.25 and nested["execution"]["threads"] == 1
+    assert "tau_l" not in nested["protocol"] and Execution.model_fields.keys() == nested["execution"].keys()
+    path = tmp_path / "config.yaml"
+    path.write_text(__import__("yaml").safe_dump(nested, sort_keys=False))
+    assert load_config(str(path)).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("method: {lr: 0.1}\n", "key 'lr' belongs in section 'protocol', not 'method'"),
+    ("tau_l: 0.2\nmethod: {tau_l: 0.3}\n", "key 'tau_l' is given twice"),
+    ("execution: cpu\n", "section 'execution': expected a mapping"),
+    ("protocol: {itres: 5}\n", "unknown key 'itres'"),
+])
+def test_misplaced_section_keys_are_named(tmp_path, text, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(str(path))
 
 
 # ---- data ---------------------------------------------------------------------------------
