@@ -4,8 +4,10 @@ address file (`tests/test_ray_env.py` fails if they move). Ray is imported lazil
 tables and the export never load it."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -38,6 +40,34 @@ def env_while(env: dict[str, str]):
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+# Ray 2.60 turns a node address of 127.0.0.1 into the machine's routable one and then binds its
+# servers to every interface (ray/_private/services.py, resolve_ip_for_localhost ->
+# get_node_ip_address). Only with its cluster mode off does a node keep the loopback address,
+# and the GCS, raylet, workers and agents then listen on loopback only. The switch is read
+# when Ray is imported: the driver sets it before its first `import ray`, and every process
+# of the cluster inherits it.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def keep_on_loopback() -> bool:
+    """Set the loopback switch for this process and the cluster it starts; False when Ray was
+    imported before without it (its servers will then listen beyond loopback)."""
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    constants = sys.modules.get("ray._private.ray_constants")
+    return constants is None or not getattr(constants, "ENABLE_RAY_CLUSTER", False)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6 (`::ffff:127.0.0.1`, how Ray's
+    dual-stack servers show a loopback socket)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host == "localhost"
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def local_cluster_env(dashboard: bool) -> dict[str, str]:

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from buarl.cli import main as buarl_main
+from orchestrator.ray_env import is_loopback
 from orchestrator.sweep import main as sweep_main
 from orchestrator.tracking import redact
 from tests.conftest import ROOT, free_port
@@ -120,10 +121,45 @@ def test_resume_refuses_storage_without_this_sweeps_state(tmp_path, capsys):
 def test_existing_sweep_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
     (tmp_path / "ray" / "phantom_tiny" / "keep.txt").write_text("x")
-    rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"), "--name", "phantom_tiny",
                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert rc == 2 and "add --resume" in capsys.readouterr().err
     assert (tmp_path / "ray" / "phantom_tiny" / "keep.txt").read_text() == "x"
+
+
+def _outputs_args(tmp_path, **over):
+    return SimpleNamespace(**{"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "storage": str(tmp_path / "ray"),
+                              "resume": False, "name": None, "warm_start": None, "address": None, **over})
+
+
+def test_the_main_command_runs_again_as_a_new_sweep(tmp_path, capsys, monkeypatch):
+    """The README's main command, run a second time, starts a new sweep under a fresh name;
+    the first one's folder is untouched, and --resume still continues the first."""
+    from orchestrator import sweep as sweep_mod
+    from orchestrator.space import load_space, make_plan
+    monkeypatch.setattr(sweep_mod, "live_local_cluster", lambda: None)
+    space, path = load_space("phantom_tiny")
+    plan = make_plan(space, path, None, None, 1, 2)
+    (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
+    (tmp_path / "ray" / "phantom_tiny" / "keep.txt").write_text("x")
+    names = [sweep_mod.open_outputs(_outputs_args(tmp_path), plan, "phantom_tiny")[3] for _ in range(2)]
+    assert names == ["phantom_tiny-2", "phantom_tiny-3"]
+    assert "already has results" in capsys.readouterr().out
+    assert (tmp_path / "ray" / "phantom_tiny" / "keep.txt").read_text() == "x"
+    assert (tmp_path / "ray" / "phantom_tiny-2" / "buarl_sweep.json").is_file()
+    resumed = sweep_mod.open_outputs(_outputs_args(tmp_path, resume=True), plan, "phantom_tiny-2")[3]
+    assert resumed == "phantom_tiny-2"
+
+
+def test_while_another_sweep_runs_the_refusal_names_it_not_resume(tmp_path, capsys, monkeypatch):
+    from orchestrator import sweep as sweep_mod
+    monkeypatch.setattr(sweep_mod, "live_local_cluster", lambda: "127.0.0.1:6379")
+    (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another Ray cluster is running on this machine (127.0.0.1:6379)" in err
+    assert "--resume" not in err and not (tmp_path / "ray" / "phantom_tiny-2").exists()
 
 
 def _space(tmp_path, name, **over):
@@ -214,7 +250,12 @@ def test_lost_worker_resumes_from_checkpoint(tmp_path):
     # before the kill landed; a CI run once resumed from 12 with 8 shown.)
     assert 4 <= max(resumed) < fixed["pretrain_iters"] + fixed["iters"], (resumed, killed)
 
-    # the same trial, never killed, run bare in this process
+    _assert_equals_an_unkilled_run(client, runs.iloc[0], fixed, tmp_path)
+
+
+def _assert_equals_an_unkilled_run(client, run, fixed, tmp_path):
+    """The recovered trial's run equals the same trial never killed, run bare in this process:
+    the value of every evaluation, the test metrics and the best weights (on CPU, identical)."""
     from buarl.checkpoint import read
     from buarl.config import load_config
     from buarl.train import Reporter, train
@@ -234,9 +275,10 @@ def test_lost_worker_resumes_from_checkpoint(tmp_path):
         metrics = train(load_config("phantom", {**fixed, "labeled": 2, "threads": 1}), bare)
     finally:
         torch.set_num_threads(threads)
+    history = client.get_metric_history(run["run_id"], "val_dice")
     assert {m.step: m.value for m in history} == bare.val
-    assert runs.iloc[0]["metrics.test_dice"] == metrics["dice"]
-    best = read(client.download_artifacts(run_id, "best.pt", str(tmp_path)))["weights"]
+    assert run["metrics.test_dice"] == metrics["dice"]
+    best = read(client.download_artifacts(run["run_id"], "best.pt", str(tmp_path)))["weights"]
     assert best.keys() == bare.best.keys() and all(torch.equal(best[k], bare.best[k]) for k in best)
 
 
@@ -247,8 +289,8 @@ def test_lost_node_trial_continues_on_remaining_nodes(tmp_path):
     autoscaler would); the trial continues from its checkpoint and finishes with one
     continuous history. `runner: train` keeps the Ray Train path (DDP's, for several workers)
     under this test; the lost-worker test covers a one-worker trial's own."""
-    space = _space(tmp_path, "lostnode", fixed={"pretrain_iters": 4, "iters": 40, "eval_every": 4,
-                                                "log_every": 4, "threads": 1},
+    fixed = {"pretrain_iters": 4, "iters": 40, "eval_every": 4, "log_every": 4, "threads": 1}
+    space = _space(tmp_path, "lostnode", fixed=fixed,
                    resources={"workers": 1, "cpus_per_worker": 1, "runner": "train"})
     script = f"""
 import os, threading, time, sys
@@ -309,6 +351,10 @@ cluster.shutdown()
     assert sorted(steps) == list(range(4, 45, 4)), steps  # complete, each evaluation once
     resumed = [m.value for m in client.get_metric_history(runs.iloc[0]["run_id"], "resumed_from")]
     assert max(resumed, default=0) >= 4, resumed  # continued from a checkpoint, not from iteration 0
+    # Not yet compared with an unkilled run: after a node loss the restored Train run drifts
+    # from it (identical up to the restored step, different after), while an unkilled
+    # `runner: train` trial and one whose Train worker is killed equal a bare run exactly.
+    # Open in issue 28 (item 4).
 
 
 def _sources():
@@ -600,3 +646,43 @@ def test_resume_checks_the_sweep_state_on_remote_storage_too(tmp_path, capsys):
     (folder / "buarl_sweep.json").write_text(json.dumps({"name": "other", "space_digest": "x"}))
     assert sweep_main(args) == 2
     assert "was started from another space (or as another sweep: 'other')" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_local_sweep_listens_on_loopback_only(tmp_path):
+    """Every socket that a sweep's own cluster listens on (GCS, raylet, workers, agents) is on
+    loopback, sampled while a two-worker DDP sweep runs; the only other one is torch's
+    rendezvous store of the DDP process group."""
+    space = _space(tmp_path, "loopback", resources={"workers": 2, "cpus_per_worker": 1})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the sweep must set it itself
+    proc = subprocess.Popen(_sweep_cmd(tmp_path, space) + ["--threads", "1"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, ddp, trainers = {}, False, set()
+    try:
+        while proc.poll() is None:
+            try:
+                family = {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
+                names = {pid: p.name() for pid, p in family.items()}
+            except psutil.NoSuchProcess:
+                continue
+            trainers |= {pid for pid, n in names.items() if "RayTrainWorker" in n}  # (a worker retitles itself per task)
+            ddp |= bool(trainers)
+            for c in psutil.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN and c.pid in names:
+                    seen[(names[c.pid], c.laddr.ip, c.laddr.port, c.pid)] = True
+            time.sleep(0.3)
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "listens beyond loopback" not in out
+    assert ddp, "the DDP workers never showed: the test sampled nothing of them"
+    names = {n for n, _, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names and len(seen) >= 6, seen
+    outside = sorted(k for k in seen if not is_loopback(k[1]))
+    # The one exception: the DDP process group's rendezvous store (torch's TCPStore, served by
+    # rank 0) binds every interface, and torch takes no bind address (docs/reliability.md).
+    store = [k for k in outside if k[3] in trainers]
+    assert outside == store and len({k[2] for k in store}) <= 1, f"listening beyond loopback: {outside}"

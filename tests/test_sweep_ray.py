@@ -1,10 +1,13 @@
 """Sweeps on a local Ray cluster: MLflow runs, Optuna sampling, DDP, resume."""
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -57,6 +60,19 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "best configuration per grid point" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+    # every command the sweep prints runs as printed in a fresh shell (no environment active)
+    clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    printed = dict(line.split(":", 1) for line in out.stdout.splitlines()
+                   if line.startswith(("Compare runs:", "Tables:", "Studies:")))
+    assert set(printed) == {"Compare runs", "Tables", "Studies"}, out.stdout[-2000:]
+    tables = subprocess.run(printed["Tables"], shell=True, env=clean, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert (tmp_path / "results" / "local" / "sweep" / "README.md").is_file()
+    for name, words in (("Compare runs", 2), ("Studies", 1)):  # servers: their command's --help
+        argv = shlex.split(printed[name].split("   (")[0])[:words] + ["--help"]
+        shown = subprocess.run(argv, env=clean, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, (name, argv, shown.stderr[-2000:])
     runs = _runs(tmp_path, "sweep")
     parents = runs[runs["tags.buarl.role"] == "sweep"]
     children = runs[runs["tags.buarl.role"] == "trial"]
@@ -64,6 +80,18 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert len(children) == 4 and set(children["status"]) == {"FINISHED"}
     assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
     assert set(children["tags.buarl.code_digest"]) == {parents.iloc[0]["tags.buarl.code_digest"]}
+    # the parent run carries the outcome: per grid point the best trial's validation and test
+    # Dice (a chart section each), the best over all points, and the best trial's run
+    parent = parents.iloc[0]
+    for point, g in children.groupby("tags.buarl.grid_point"):
+        section = point.replace("=", "-")
+        tops = g[g["metrics.best_val_dice"] == g["metrics.best_val_dice"].max()]  # (ties: any of them)
+        chosen = tops[tops["run_id"] == json.loads(parent[f"tags.buarl.best.{section}"])["run_id"]]
+        assert len(chosen) == 1, (tops["run_id"].tolist(), parent[f"tags.buarl.best.{section}"])
+        assert parent[f"metrics.{section}/best_val_dice"] == pytest.approx(chosen.iloc[0]["metrics.best_val_dice"])
+        assert parent[f"metrics.{section}/test_dice"] == pytest.approx(chosen.iloc[0]["metrics.test_dice"])
+    assert parent["metrics.best/best_val_dice"] == pytest.approx(children["metrics.best_val_dice"].max())
+    assert (children["tags.buarl.synthetic"] == "true").all() and parent["tags.buarl.data"] == "ACDC phantom"
     # one Optuna study per label ratio: two grid points, two trials each, two Tune experiments
     assert sorted(children["tags.buarl.grid_point"].value_counts().tolist()) == [2, 2]
     # each trial holds its one CPU (the loop runs in it), so two trials run at once on two cores
@@ -78,7 +106,14 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     done = optuna.trial.TrialState.COMPLETE
     assert {s.study_name: len(optuna.load_study(study_name=s.study_name, storage=db).get_trials(states=(done,)))
             for s in optuna.get_all_study_summaries(db)} == {"labeled=2_seed=1337": 2, "labeled=3_seed=1337": 2}
-    assert "optuna-dashboard " + db in out.stdout
+    assert db in printed["Studies"]
+    # the dashboard names the objective, and each Optuna trial names its MLflow run
+    for summary in optuna.get_all_study_summaries(db):
+        study = optuna.load_study(study_name=summary.study_name, storage=db)
+        assert study.metric_names == ["best_val_dice"]
+        linked = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(states=(done,))}
+        point = children[children["tags.buarl.grid_point"] == summary.study_name]
+        assert linked == set(point["run_id"]), (linked, point["run_id"].tolist())
     grown = subprocess.run(cmd + ["--name", "grown", "--warm-start", "sweep", "--num-samples", "1",
                                   "--only", "labeled=2*"], env=env, cwd=tmp_path, capture_output=True, text=True,
                            timeout=900)
@@ -104,12 +139,14 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = children.iloc[0]["run_id"]
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "best.pt", "metrics.json", "regions.png", "model"} <= names
-    # the trial's model in MLflow's own format loads back and segments
+    assert {"config.yaml", "best.pt", "metrics.json", "regions.png"} <= names
+    # the trial's logged model in MLflow's own format loads back and segments
     import mlflow.pytorch
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    logged = client.search_logged_models([children.iloc[0]["experiment_id"]], filter_string=f"source_run_id = '{run_id}'")
+    assert len(logged) == 1
+    mlflow.set_tracking_uri(client.tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/{logged[0].model_id}")
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4, 64, 64)
-    assert {m.path for m in client.list_artifacts(run_id, "model")} >= {"model/MLmodel"}
     # each label ratio pre-trained once (4 iterations), its two trials forked from it: their
     # runs hold self-training (8, 12) and link to the pre-training's run, which holds 4
     history = client.get_metric_history(run_id, "val_dice")
@@ -190,38 +227,48 @@ tune.Tuner(trainable, run_config=tune.RunConfig(storage_path={str(tmp_path / 'ra
 
 
 def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
+    """Kill the driver once one trial has finished and another has saved a checkpoint past its
+    first evaluation and is in Tune's saved state; `--resume` keeps the finished trial's run,
+    restores the cut trial from its checkpoint (required, not skipped), and that trial ends
+    exactly where the same trial never killed ends."""
     # each trial pre-trains itself here: a trial's own resume (the shared pre-training's:
     # test_a_killed_driver_reuses_the_finished_pretraining_and_forks_equal_a_whole_run)
-    space = {**SPACE, "grid": {"labeled": [2]}, "num_samples": 3, "shared_pretraining": False}
-    cmd, env = _sweep(tmp_path, space, name="resume")
+    fixed = {"pretrain_iters": 4, "iters": 100, "eval_every": 4, "log_every": 4}
+    space = {**SPACE, "grid": {"labeled": [2]}, "num_samples": 3, "shared_pretraining": False,
+             "phantom_fixed": fixed}
+    # Tune saves its experiment state every second, so a trial running for a few seconds is in it
+    cmd, env = _sweep(tmp_path, space, "--threads", "1", name="resume", env_extra={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.time() + 600
-    finished = []
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(3)
+    finished, cut = [], None
+    while time.time() < deadline and proc.poll() is None and cut is None:
+        time.sleep(1)
         if (tmp_path / "ray" / "resume").exists():  # the driver's MLflow store is ready
             try:
                 runs = _runs(tmp_path, "resume")
             except Exception:
                 continue
-            if "tags.buarl.trial_id" in runs:
-                kids = runs[runs["tags.buarl.role"] == "trial"]
-                finished = kids[kids["status"] == "FINISHED"]["tags.buarl.trial_id"].tolist()
-                if finished and len(kids) > len(finished):
-                    break
-    assert finished, ("no trial finished before the deadline" if proc.poll() is None else
-                      f"the sweep ended (exit {proc.returncode}) before a finished trial was seen:\n"
-                      + proc.stdout.read()[-3000:])
+            if "tags.buarl.trial_id" not in runs or "metrics.iteration" not in runs:
+                continue
+            kids = runs[runs["tags.buarl.role"] == "trial"]
+            finished = kids[kids["status"] == "FINISHED"]["tags.buarl.trial_id"].tolist()
+            running = kids[(kids["status"] == "RUNNING") & (kids["metrics.iteration"] >= 8)
+                           & (kids["metrics.iteration"] <= 80)]
+            # (a result reaches MLflow only after its checkpoint is persisted)
+            old = running[running["start_time"] < pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=3)]
+            if finished and len(old):
+                cut = old.iloc[0]["tags.buarl.trial_id"]
+    assert cut, ("no trial to cut before the deadline" if proc.poll() is None else
+                 f"the sweep ended (exit {proc.returncode}) before a trial could be cut:\n"
+                 + proc.stdout.read()[-3000:])
     _kill_driver(proc)
     before = _runs(tmp_path, "resume")
-    assert "tags.buarl.trial_id" in before, (before.columns.tolist(), proc.stdout.read()[-3000:])
     ended = {r["tags.buarl.trial_id"]: r["end_time"] for _, r in before.iterrows()
              if r["tags.buarl.role"] == "trial" and r["status"] == "FINISHED"}
     run_of = {r["tags.buarl.trial_id"]: r["run_id"] for _, r in before.iterrows() if r["tags.buarl.role"] == "trial"}
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    logged_before = {t: [m.step for m in client.get_metric_history(r, "val_dice")] for t, r in run_of.items()}
 
     out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -239,18 +286,34 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
         row = kids[kids["tags.buarl.trial_id"] == trial_id].iloc[0]
         assert row["end_time"] == end
     assert (after[after["tags.buarl.role"] == "sweep"]["status"] == "FINISHED").all()
-    # Every trial keeps the run it had before the kill, and every finished run holds one
-    # continuous history: each evaluation (4, 8, 12) once. A trial cut mid-run resumed from
-    # its checkpoint, not from iteration 0.
+    # Every finished run holds one continuous history: each evaluation once.
     for _, row in kids.iterrows():
-        trial_id = row["tags.buarl.trial_id"]
-        if trial_id in run_of:
-            assert row["run_id"] == run_of[trial_id], trial_id
         steps = [m.step for m in client.get_metric_history(row["run_id"], "val_dice")]
-        assert steps == [4, 8, 12], (trial_id, steps)
-        if trial_id in run_of and trial_id not in ended and logged_before[trial_id]:
-            resumed = [m.value for m in client.get_metric_history(row["run_id"], "resumed_from")]
-            assert max(resumed, default=0) >= 4, (trial_id, logged_before[trial_id], resumed)
+        assert steps == list(range(4, 105, 4)), (row["tags.buarl.trial_id"], steps)
+    # The cut trial kept its run and was restored from a checkpoint, not restarted...
+    row = kids[kids["tags.buarl.trial_id"] == cut].iloc[0]
+    assert row["run_id"] == run_of[cut]
+    resumed = [m.value for m in client.get_metric_history(row["run_id"], "resumed_from")]
+    assert max(resumed, default=0) >= 8, resumed
+    # ...and ends where the same trial (its sampled thresholds), never killed, ends
+    from buarl.config import load_config
+    from buarl.train import Reporter, train
+
+    class Collect(Reporter):
+        def __init__(self):
+            self.val = {}
+
+        def checkpoint(self, step, metrics, state, is_best):
+            self.val[step] = metrics["val_dice"]
+
+    bare, threads = Collect(), torch.get_num_threads()
+    try:
+        metrics = train(load_config("phantom", {**fixed, "labeled": 2, "threads": 1, "tau_l": float(row["params.tau_l"]),
+                                                "tau_u": float(row["params.tau_u"])}), bare)
+    finally:
+        torch.set_num_threads(threads)
+    assert {m.step: m.value for m in client.get_metric_history(row["run_id"], "val_dice")} == bare.val
+    assert row["metrics.test_dice"] == metrics["dice"]
 
 
 def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):

@@ -16,6 +16,8 @@ mkdir -p "$EXP"
 # Ray's bootstrap file and sockets apart from /tmp/ray: tests and other sweeps on this
 # machine start their own local clusters there.
 export RAY_TMPDIR=${RAY_TMPDIR:-/tmp/buarl-evidence} RAY_AUTH_MODE=disabled
+# the cluster and every sweep joining it stay on loopback (docs/reliability.md, Security)
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 PORT=${PORT:-6391}
 PY=.venv/bin/python
 COMMON=(--data-root "$DATA" --storage "$EXP/ray" --tracking-uri "sqlite:///$PWD/$EXP/mlflow.db")
