@@ -1,12 +1,14 @@
 """An exported model: one folder that plain PyTorch can load (no Ray, no MLflow).
 
-    DIR/model.pt     {"format": "buarl-model-v1", "weights": state_dict} (weights_only loadable)
+    DIR/model.pt     {"format": "buarl-model-v1", "weights": state_dict, "data": what it
+                     trained on (buarl.data.origin)} (weights_only loadable)
     DIR/config.yaml  the run's fully resolved config (network, input size, protocol)
     DIR/README.md    the model card: data, protocol, label ratio, val and test metrics,
                      where it came from (command, code version, MLflow run)
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,25 +33,40 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def data_of(cfg: Config, metrics: Optional[dict]) -> dict:
+    """What the model trained on: as its run recorded it (metrics.json), else from its config."""
+    from buarl.data import origin
+    recorded = (metrics or {}).get("data")
+    return recorded if isinstance(recorded, dict) and "synthetic" in recorded else origin(cfg)
+
+
+SYNTHETIC_WARNING = ("trained on buarl's synthetic phantom, not on real scans: "
+                     "its labels on real scans mean nothing")
+
+
 def model_card(cfg: Config, metrics: Optional[dict], origin: dict[str, Any]) -> str:
     m = metrics or {}
+    data = data_of(cfg, metrics)
     size = f"{cfg.image_size}x{cfg.image_size} slices" if cfg.dataset == "acdc" else f"patch {cfg.patch_size}"
     method = {"supervised": "supervised (labeled data only)", "mt": "mean teacher", "bcp": "BCP"}[cfg.base]
     if cfg.base != "supervised" and (cfg.url or cfg.crl):
         method += " + " + " + ".join(n for n, on in (("URL", cfg.url), ("CRL", cfg.crl)) if on)
-    lines = [f"# buarl model: {cfg.dataset.upper()}, {method}", "",
-             "| | |", "|---|---|",
-             f"| data | {cfg.dataset.upper()} at `{cfg.data_root}` |",
-             f"| label ratio | {cfg.labeled} labeled {'patients' if cfg.dataset == 'acdc' else 'scans'} |",
-             f"| protocol | {size}, batch {cfg.batch_size} ({cfg.labeled_bs} labeled), "
-             f"{cfg.pretrain_iters if cfg.base == 'bcp' else 0} pre-training + {cfg.iters} iterations, seed {cfg.seed} |",
-             f"| method switches | base={cfg.base} url={cfg.url} crl={cfg.crl} tau_l={cfg.tau_l} tau_u={cfg.tau_u} "
-             f"lambda_url={cfg.lambda_url} lambda_crl={cfg.lambda_crl} ema_decay={cfg.ema_decay} |",
-             f"| model selection | best validation Dice {_fmt(m.get('best_val_dice', 'n/a'))} "
-             f"at iteration {m.get('best_step', 'n/a')} |",
-             f"| test (not used for selection) | Dice {_fmt(m.get('dice', 'n/a'))}, Jaccard {_fmt(m.get('jaccard', 'n/a'))}, "
-             f"95HD {_fmt(m.get('hd95', 'n/a'), 2)}, ASD {_fmt(m.get('asd', 'n/a'), 2)}, empty predictions "
-             f"{m.get('empty_predictions', 'n/a')} of {m.get('structures', 'n/a')} structures |"]
+    lines = [f"# buarl model: {data['name']}, {method}", ""]
+    if data["synthetic"]:
+        lines += [f"> **Synthetic data.** This model was {SYNTHETIC_WARNING}. "
+                  "Train on your data with `--data-root` before you use it.", ""]
+    lines += ["| | |", "|---|---|",
+              f"| data | {data['name']}{' (synthetic)' if data['synthetic'] else ''} at `{data['root']}` |",
+              f"| label ratio | {cfg.labeled} labeled {'patients' if cfg.dataset == 'acdc' else 'scans'} |",
+              f"| protocol | {size}, batch {cfg.batch_size} ({cfg.labeled_bs} labeled), "
+              f"{cfg.pretrain_iters if cfg.base == 'bcp' else 0} pre-training + {cfg.iters} iterations, seed {cfg.seed} |",
+              f"| method switches | base={cfg.base} url={cfg.url} crl={cfg.crl} tau_l={cfg.tau_l} tau_u={cfg.tau_u} "
+              f"lambda_url={cfg.lambda_url} lambda_crl={cfg.lambda_crl} ema_decay={cfg.ema_decay} |",
+              f"| model selection | best validation Dice {_fmt(m.get('best_val_dice', 'n/a'))} "
+              f"at iteration {m.get('best_step', 'n/a')} |",
+              f"| test (not used for selection) | Dice {_fmt(m.get('dice', 'n/a'))}, Jaccard {_fmt(m.get('jaccard', 'n/a'))}, "
+              f"95HD {_fmt(m.get('hd95', 'n/a'), 2)}, ASD {_fmt(m.get('asd', 'n/a'), 2)}, empty predictions "
+              f"{m.get('empty_predictions', 'n/a')} of {m.get('structures', 'n/a')} structures |"]
     lines += [f"| {k} | {v} |" for k, v in origin.items() if v not in (None, "")]
     lines += ["", "Segment new scans:", "", "```", "buarl predict --model THIS_FOLDER --input scan.nii.gz --out predictions/",
               "```", "", "Load with plain PyTorch:", "", "```",
@@ -65,7 +82,7 @@ def write_model(out: Path, weights: dict, cfg: Config, metrics: Optional[dict], 
     if taken and not overwrite:
         raise ConfigError(f"--out {out}: already holds {', '.join(taken)}; pass --overwrite or choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    save_atomic({"format": FORMAT, "weights": weights}, out / "model.pt")
+    save_atomic({"format": FORMAT, "weights": weights, "data": data_of(cfg, metrics)}, out / "model.pt")
     run_folder.write_config(out, cfg)
     (out / "README.md").write_text(model_card(cfg, metrics, origin))
     if metrics:
@@ -105,6 +122,9 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
         raise ModelFolderError(f"{folder / 'model.pt'}: weights do not fit the {cfg.dataset} network "
                                f"({str(e).splitlines()[0][:160]})") from None
     device = torch.device(device)
+    data = obj["data"] if isinstance(obj.get("data"), dict) else data_of(cfg, None)  # (older folders)
+    if data.get("synthetic"):
+        print(f"buarl: warning: model {folder} was {SYNTHETIC_WARNING}", file=sys.stderr)
     cfg = cfg.model_copy(update={"device": str(device)})
     model = to_device(model, cfg, device, 2 if cfg.dataset == "acdc" else 3).eval()
     return model, cfg

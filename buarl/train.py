@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from buarl.config import Config
-from buarl.data import load_benchmark
+from buarl.data import load_benchmark, origin
 from buarl.data.sampling import TwoStreamSampler
 from buarl.engine import Engine, seed_everything
 from buarl.errors import TrainingDiverged
@@ -167,7 +167,7 @@ class Loop(Steps):
         metrics["last"] = (dict(metrics) if last_is_best
                            else evaluate(copy.deepcopy(self.core), self.data.test, self.cfg, self.device))
         metrics.update(best_val_dice=self.best["dice"], best_step=self.best["step"],
-                       iterations=self.step, train_seconds=time.time() - started)
+                       iterations=self.step, train_seconds=time.time() - started, data=origin(self.cfg))
         self.reporter.finish(metrics, weights)
         return metrics
 
@@ -260,7 +260,9 @@ class Loop(Steps):
         is_best = stage == "self" and dice > self.best["dice"]
         if is_best:
             self.best = {"dice": dice, "step": self.step, "weights": copy.deepcopy(self.core.state_dict())}
-        metrics = {"val_dice": dice, "best_val_dice": max(self.best["dice"], 0.0), "iteration": self.step,
+        # best so far of the stage: pre-training's best is what self-training will start from
+        best_so_far = self.best["dice"] if stage == "self" else self.pre_best["dice"] if self.pre_best else dice
+        metrics = {"val_dice": dice, "best_val_dice": max(best_so_far, 0.0), "iteration": self.step,
                    "val_fg": scores["fg_pred"], "val_fg_true": scores["fg_true"]}
         self.reporter.checkpoint(self.step, metrics, self.state(), is_best)
         best = max(self.best["dice"], self.pre_best["dice"] if self.pre_best else -1.0)

@@ -81,6 +81,8 @@ def read_scan(path: Path, dataset: str) -> Scan:
             img = nib.load(str(path))
             data = np.asarray(img.dataobj, dtype=np.float32)
             meta = {"affine": img.affine, "header": img.header, "shape": data.shape}
+            if data.ndim == 4 and data.shape[3] == 1:  # one frame of a 4-D (cine) layout: a volume
+                data = data[..., 0]
             if dataset == "acdc" and data.ndim == 3:
                 data = np.moveaxis(data, -1, 0)  # (x, y, z) -> z-slices
             image = normalise(_check_axes(path, data, dataset), dataset)
@@ -104,7 +106,7 @@ def read_scan(path: Path, dataset: str) -> Scan:
 
 
 def _to_input_layout(scan: Scan, array: np.ndarray, dataset: str) -> np.ndarray:
-    if scan.kind in (".nii", ".nii.gz") and dataset == "acdc" and len(scan.meta["shape"]) == 3:
+    if scan.kind in (".nii", ".nii.gz") and dataset == "acdc" and len(scan.meta["shape"]) >= 3:
         array = np.moveaxis(array, 0, -1)
     return array.reshape(scan.meta["shape"])
 

@@ -7,6 +7,9 @@ TAG_POINT = "buarl.grid_point"
 TAG_ROW = "buarl.row"                # a grid switch's row name (the tables' method column)
 TAG_DIGEST = "buarl.code_digest"
 TAG_VERSION = "buarl.code_version"
+TAG_DATA = "buarl.data"              # the data's name: "ACDC", "ACDC phantom" (buarl.data.origin)
+TAG_SYNTHETIC = "buarl.synthetic"    # "true" for the built-in phantom
+TAG_CASES = "buarl.train_cases"      # training cases of the data: what a label ratio is a share of
 PARENT = "mlflow.parentRunId"
 VAL_METRICS = ("best_val_dice", "val_dice")  # what a sweep may select by; test metrics never
 # metrics every trial reports at each evaluation, that a space may optimise

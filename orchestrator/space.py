@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from buarl.config import Config, base_values, validate
+from buarl.config import Config, base_values, validate, yaml_problem
 from orchestrator.names import REPORTED_METRICS
 from buarl.errors import BuarlError, ConfigError
 
@@ -148,7 +148,7 @@ def load_space(name_or_path: str) -> tuple[Space, Path]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise SpaceError(yaml_problem(path, e)) from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping of space keys, got {type(raw).__name__}")
     try:

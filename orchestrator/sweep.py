@@ -23,11 +23,13 @@ if __package__ in (None, ""):  # `python orchestrator/sweep.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from buarl.errors import BuarlError  # noqa: E402
-from orchestrator.ray_env import (apply_env_defaults, env_while, live_local_cluster,  # noqa: E402
-                                  local_cluster_env, worker_runtime_env, write_bootstrap)
+from orchestrator.ray_env import (apply_env_defaults, env_while, is_loopback, keep_on_loopback,  # noqa: E402
+                                  live_local_cluster, local_cluster_env, worker_runtime_env,
+                                  write_bootstrap)
 from orchestrator import pretrainings, studies  # noqa: E402
 from orchestrator import storage as storage_fs  # noqa: E402
 from orchestrator.redaction import redact  # noqa: E402
+from orchestrator.names import TAG_DATA, TAG_SYNTHETIC  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
 
@@ -306,7 +308,7 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
         # placement group needs some resource: the waiting process's memory is the true one.
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRAINABLE_MEMORY})
     callback = MlflowTrials(client, exp_id, parent_id, sweep, point.name, base, digest=digest, pretrained_runs=runs,
-                            row=point.row)
+                            row=point.row, data=data_origin(plan))
     path = f"{storage}/{sweep}/{point.name}"
     run_config = tune.RunConfig(name=point.name, storage_path=f"{storage}/{sweep}", callbacks=[callback],
                                 progress_reporter=progress_reporter(plan), verbose=1,
@@ -327,7 +329,8 @@ def run_point(plan: Plan, point, sweep: str, storage: str, client, exp_id: str, 
             # The study lives in the sweep's optuna.db (optuna-dashboard, --warm-start), one per grid point.
             url = studies.storage_url(f"{storage}/{sweep}")
             optuna_kwargs = {"storage": studies.rdb(url), "study_name": point.name} if url else {}
-            search = ConcurrencyLimiter(StudyTruthOptunaSearch(metric=s.metric, mode=s.mode, seed=seed, **optuna_kwargs),
+            search = ConcurrencyLimiter(StudyTruthOptunaSearch(metric=s.metric, mode=s.mode, seed=seed,
+                                                               run_ids=callback.runs, **optuna_kwargs),
                                         plan.max_concurrent)
         # Rungs count evaluations (results also arrive at every log step); trials end by
         # their own schedule, never at ASHA's default max_t of 100.
@@ -354,18 +357,61 @@ def summarise(results: dict, plan: Plan, sweep: str, storage: str, tracking_uri:
         m = best.metrics or {}
         params = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (best.config or {}).items()}
         best_rows[name] = {"params": params, plan.space.metric: m.get(plan.space.metric),
-                           "test_dice": m.get("test_dice")}
+                           "test_dice": m.get("test_dice"), "trial_id": m.get("trial_id")}
         test = f", test Dice {m['test_dice']:.4f}" if isinstance(m.get("test_dice"), float) else ""
         lines.append(f"  {name}: {plan.space.metric}={m.get(plan.space.metric, float('nan')):.4f}{test} {params}")
     lines += ["", f"Ray results:  {storage}/{sweep}",
               f"MLflow:       {tracking_uri}  (experiment '{plan.space.name}', parent run '{sweep}')",
-              f"Compare runs: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {free_port()}",
-              f"Tables:       buarl-tables --experiment {plan.space.name} --tracking-uri {tracking_uri}"]
+              f"Compare runs: {command('mlflow')} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 "
+              f"--port {free_port()}",
+              f"Tables:       {command('buarl-tables')} --experiment {plan.space.name} --tracking-uri {tracking_uri}"]
     url = studies.storage_url(f"{storage}/{sweep}")
     if plan.space.search and url:
-        lines.append(f"Studies:      optuna-dashboard {url}   (pip install optuna-dashboard; continue the search "
+        lines.append(f"Studies:      {command('optuna-dashboard')} --host 127.0.0.1 {url}   (continue the search "
                      f"with --name NEW --warm-start {sweep})")
     return "\n".join(lines), best_rows
+
+
+def log_outcome(client, parent: str, best: dict, metric: str, mode: str = "max") -> None:
+    """The sweep's result on its parent run, so the runs table and charts show it without
+    expanding the trials: per grid point its best trial's metric and test Dice (a chart
+    section per point: MLflow groups metrics by the part before "/"), the best trial's run
+    and config as a tag, and all of it as best_per_grid_point.json."""
+    from mlflow.entities import Metric
+    from orchestrator.names import TAG_TRIAL
+    now, metrics = int(time.time() * 1000), []
+    for point, row in best.items():
+        section = re.sub(r"[^A-Za-z0-9_.\- ]", "-", point)  # MLflow keys take no "="
+        for key in (metric, "test_dice"):
+            if isinstance(row.get(key), (int, float)):
+                metrics.append(Metric(f"{section}/{key}", float(row[key]), now, 0))
+        found = client.search_runs([client.get_run(parent).info.experiment_id],
+                                   f"tags.{TAG_TRIAL} = '{row.get('trial_id')}' and "
+                                   f"tags.mlflow.parentRunId = '{parent}'", max_results=1)
+        row["run_id"] = found[0].info.run_id if found else None
+        client.set_tag(parent, f"buarl.best.{section}", json.dumps(
+            {"run_id": row["run_id"], "trial_id": row.get("trial_id"), "params": row["params"]}, default=str)[:5000])
+    ranked = [r for r in best.values() if isinstance(r.get(metric), (int, float))]
+    if ranked:  # the best over every grid point: one number for the runs table
+        top = (max if mode == "max" else min)(ranked, key=lambda r: r[metric])
+        metrics.append(Metric(f"best/{metric}", float(top[metric]), now, 0))
+        if isinstance(top.get("test_dice"), (int, float)):
+            metrics.append(Metric("best/test_dice", float(top["test_dice"]), now, 0))
+    if metrics:
+        client.log_batch(parent, metrics=metrics)
+    client.log_text(parent, json.dumps(best, indent=2, default=str), "best_per_grid_point.json")
+
+
+def command(name: str) -> str:
+    """A console script of this sweep's environment as a shell can run it without that
+    environment active: its path (relative under the working folder, as `.venv/bin/mlflow`)."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        return name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 class Refused(BuarlError):
@@ -392,6 +438,18 @@ def open_outputs(args, plan: Plan, sweep: str):
     tracking_uri = args.tracking_uri or default_tracking_uri()
     storage = storage_dir(args)
     check_storage(storage)
+    if not args.address:  # first: while another sweep runs, its folder is no reason to --resume
+        other = live_local_cluster()
+        if other:
+            raise Refused(f"another Ray cluster is running on this machine ({other}), most likely another sweep. "
+                          "Two local clusters on one machine take each other's bootstrap address and their "
+                          "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
+                          "then start every sweep with --address auto")
+    if not args.resume and args.name is None and storage_fs.kind(f"{storage}/{sweep}") != "none":
+        taken = sweep
+        sweep = fresh_name(storage, sweep)
+        print(f"sweep {taken!r} already has results in {redact(storage)}: this one is {sweep!r} "
+              f"(continue {taken!r} with --resume; name a sweep with --name)", flush=True)
     check_sweep_state(f"{storage}/{sweep}", sweep, plan, args.resume)
     client = open_store(tracking_uri)
     if args.warm_start:
@@ -400,13 +458,6 @@ def open_outputs(args, plan: Plan, sweep: str):
         if "://" in storage:
             raise Refused(f"--warm-start needs a local --storage (the studies live there), not {redact(storage)}")
         studies.check_warm_start(Path(storage) / args.warm_start, args.warm_start)
-    if not args.address:
-        other = live_local_cluster()
-        if other:
-            raise Refused(f"another Ray cluster is running on this machine ({other}), most likely another sweep. "
-                          "Two local clusters on one machine take each other's bootstrap address and their "
-                          "trials stall. Wait for it to end, or share one cluster: `ray start --head` once, "
-                          "then start every sweep with --address auto")
     write_sweep_state(f"{storage}/{sweep}", sweep, plan)
     if "://" not in storage:
         if args.warm_start and not args.resume:
@@ -415,13 +466,22 @@ def open_outputs(args, plan: Plan, sweep: str):
             for point, n in copied.items():
                 print(f"[{point}] Optuna study warm-started with {n} finished trial(s) of sweep {args.warm_start!r}",
                       flush=True)
-    return tracking_uri, storage, client
+    return tracking_uri, storage, client, sweep
+
+
+def fresh_name(storage: str, sweep: str) -> str:
+    """`NAME-2`, `NAME-3`, ...: the first that has no folder in the storage yet."""
+    n = 2
+    while storage_fs.kind(f"{storage}/{sweep}-{n}") != "none":
+        n += 1
+    return f"{sweep}-{n}"
 
 
 def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
     """Join the given cluster or start a local one, and put the data the checks loaded in
     its object store; returns the digest of the code the workers run and share_data's result."""
     apply_env_defaults()
+    loopback = not args.address and keep_on_loopback()  # (main set it before Ray was imported)
     import ray
     from orchestrator.trial import PACKAGES, code_digest
     runtime_env = worker_runtime_env(PACKAGES)
@@ -444,6 +504,10 @@ def start_ray(args, plan: Plan, loaded: dict) -> tuple[str, dict]:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard,
                      dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
         write_bootstrap(ray.get_runtime_context().gcs_address)
+        if not (loopback and is_loopback(ray.util.get_node_ip_address())):
+            print(f"buarl-sweep: warning: the local Ray cluster listens beyond loopback (node address "
+                  f"{ray.util.get_node_ip_address()}): Ray was imported before the sweep could keep it "
+                  f"local (docs/reliability.md)", file=sys.stderr)
     return code_digest(), share_data(loaded)
 
 
@@ -502,7 +566,18 @@ def open_parent_run(args, plan: Plan, sweep: str, client, storage: str, tracking
     if commit:  # MLflow's own provenance tag: the UI links runs to the source revision
         client.set_tag(parent, "mlflow.source.git.commit", commit)
     client.set_tag(parent, "buarl.code_digest", digest)
+    data = data_origin(plan)
+    client.set_tag(parent, TAG_DATA, data["name"])
+    client.set_tag(parent, TAG_SYNTHETIC, str(data["synthetic"]).lower())
     return exp_id, parent
+
+
+def data_origin(plan: Plan) -> dict:
+    """What the sweep's trials train on (buarl.data.origin): its name says "phantom" for the
+    built-in synthetic data, on every run, model and table made from it."""
+    from buarl.config import validate
+    from buarl.data import origin
+    return origin(validate(dict(plan.base), source="sweep config"))
 
 
 def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, parent: str,
@@ -555,6 +630,8 @@ def cluster_failure(e: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not args.address:
+        keep_on_loopback()  # before anything imports Ray: it reads the switch once
     try:
         plan, sweep = prepare(args)
         print("\n".join([describe(plan), *pretrainings.describe(*pretrainings.plan(plan),
@@ -564,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.address:  # before anything is written: a refused sweep can be rerun as it was
             check_reachable(args.address)
-        tracking_uri, storage, client = open_outputs(args, plan, sweep)
+        tracking_uri, storage, client, sweep = open_outputs(args, plan, sweep)
         digest, shared = start_ray(args, plan, loaded)
         del loaded  # the object store holds it now
     except BuarlError as e:
@@ -579,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     if results is None:
         return 130
     text, best = summarise(results, plan, sweep, redact(storage), redact(tracking_uri))
-    client.log_text(parent, json.dumps(best, indent=2, default=str), "best_per_grid_point.json")
+    log_outcome(client, parent, best, plan.space.metric, plan.space.mode)
     print(text + f"\n(done in {time.time() - started:.0f} s)")
     return 0
 

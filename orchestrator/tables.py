@@ -87,7 +87,29 @@ def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     trials["labeled"] = trials["params.labeled"].astype(int)
     trials["seed"] = trials["params.seed"].astype(int)
     trials["dataset"] = trials["params.dataset"]
+    # What they trained on, as the sweep tagged it (buarl.data.origin); runs from before the
+    # tag: the built-in phantom has no data root or one in the phantom cache.
+    roots = trials.get("params.data_root", pd.Series("", index=trials.index)).astype(str)
+    guessed = roots.isin(["None", "nan", ""]) | roots.str.contains("/phantom-(?:acdc|la)-", regex=True)
+    tagged = trials.get("tags.buarl.synthetic", pd.Series(np.nan, index=trials.index))
+    trials["synthetic"] = tagged.map({"true": True, "false": False}).fillna(guessed).astype(bool)
+    names = trials["dataset"].str.upper() + np.where(trials["synthetic"], " phantom", "")
+    tagged_name = trials.get("tags.buarl.data", pd.Series(None, index=trials.index, dtype=object)).astype(object)
+    trials["data"] = tagged_name.where(tagged_name.notna(), names)
+    trials["train_cases"] = pd.to_numeric(trials.get("tags.buarl.train_cases", pd.Series(np.nan, index=trials.index)),
+                                          errors="coerce")
     return trials
+
+
+def data_of(trials: pd.DataFrame) -> tuple[str, int | None]:
+    """(the data's name, its training cases if it is synthetic, else None; 0: synthetic, count
+    not recorded): a phantom's label ratios are shares of its own cases, never the
+    benchmark's published percentages."""
+    name = " + ".join(dict.fromkeys(trials["data"].astype(str)))
+    if not trials["synthetic"].any():
+        return name, None
+    cases = trials["train_cases"].dropna()
+    return name, int(cases.iloc[0]) if len(cases) else 0
 
 
 PAPER_PROTOCOLS = ("acdc", "la")  # the shipped configs that follow the published protocol
@@ -108,7 +130,8 @@ def protocol_of(trials: pd.DataFrame) -> str:
             v = base_values(name)
             if v.get("dataset") == row.get("params.dataset") and all(
                     str(v[k]).replace(" ", "") == str(row.get(f"params.{k}", "")).replace(" ", "")
-                    for k in keys if k in v and (k != "image_size" or v["dataset"] == "acdc")
+                    for k in keys if k in v and pd.notna(row.get(f"params.{k}"))  # (not logged: not read)
+                    and (k != "image_size" or v["dataset"] == "acdc")
                     and (k != "patch_size" or v["dataset"] == "la")):
                 match = name
                 break
@@ -122,13 +145,19 @@ def best_per_seed(trials: pd.DataFrame, metric: str = "metrics.best_val_dice") -
     return order.drop_duplicates(["method", "labeled", "seed"], keep="first")
 
 
-def ratio_label(dataset: str, labeled: int) -> str:
+def ratio_label(dataset: str, labeled: int, cases: int | None = None) -> str:
+    """`3 patients (5%)` on the benchmark (its published share); on a phantom of `cases`
+    training cases, the share of those: `3 of 8 patients (37.5 %)` (cases 0: `3 patients`)."""
+    unit = "patients" if dataset == "acdc" else "scans"
+    if cases is not None:
+        return f"{labeled} of {cases} {unit} ({100 * labeled / cases:.3g} %)" if cases else f"{labeled} {unit}"
     pct = RATIO.get(dataset, {}).get(labeled)
-    return f"{labeled} {'patients' if dataset == 'acdc' else 'scans'}" + (f" ({pct})" if pct else "")
+    return f"{labeled} {unit}" + (f" ({pct})" if pct else "")
 
 
-def group_label(dataset: str, labeled: int, protocol: str) -> str:
-    return f"{ratio_label(dataset, labeled)}, {protocol}" if protocol else ratio_label(dataset, labeled)
+def group_label(dataset: str, labeled: int, protocol: str, cases: int | None = None) -> str:
+    label = ratio_label(dataset, labeled, cases)
+    return f"{label}, {protocol}" if protocol else label
 
 
 def empty_predictions(g: pd.DataFrame) -> float:
@@ -155,12 +184,14 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,
     """(numbers, display): numbers has mean/std/n per method x labeled x metric. The column
     groups name the protocol; published numbers join only runs of the paper protocol."""
     rows = []
+    name, cases = data_of(chosen)
     for (method, labeled), g in chosen.groupby(["method", "labeled"]):
-        row = {"method": method, "labeled": labeled, "dataset": g["dataset"].iloc[0], "n_seeds": len(g),
-               "source": "ours"}
+        row = {"method": method, "labeled": labeled, "dataset": g["dataset"].iloc[0], "data": name,
+               "n_seeds": len(g), "source": "ours"}
         for key, _, scale, _ in METRICS:
             values = g[f"metrics.test_{key}"].astype(float) * scale
-            row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+            # one seed has no spread: no std (NaN, an empty CSV cell), not 0.0
+            row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else np.nan
         row["empty_predictions_mean"] = empty_predictions(g)
         row["missed_share_mean"] = missed_share(g)
         rows.append(row)
@@ -173,7 +204,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,
     for labeled in labels:
         part = numbers[numbers["labeled"] == labeled].set_index("method")
         for key, title, _, better in METRICS:
-            col = (group_label(dataset, labeled, protocol), title)
+            col = (group_label(dataset, labeled, protocol, cases), title)
             flagged = part["missed_share_mean"] > DEGENERATE if better == "min" else pd.Series(False, part.index)
             means = part.loc[~flagged, f"{key}_mean"]
             best = means.max() if better == "max" else means.min()
@@ -281,12 +312,12 @@ def paired(chosen: pd.DataFrame, reference: str = "BCP") -> pd.DataFrame:
     return out.sort_values(["labeled", "order", "method"]).drop(columns="order").reset_index(drop=True)
 
 
-def forest(table: pd.DataFrame, out: Path, checkpoint: str, dataset: str) -> str:
+def forest(table: pd.DataFrame, out: Path, checkpoint: str, dataset: str, data: tuple = ("", None)) -> str:
     """forest.png: each row's mean paired difference to the reference with its 95 % interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [f"{r.method}, {ratio_label(dataset, r.labeled)} (n={r.n_seeds})" for r in table.itertuples()]
+    labels = [f"{r.method}, {ratio_label(dataset, r.labeled, data[1])} (n={r.n_seeds})" for r in table.itertuples()]
     y = np.arange(len(table))[::-1]
     fig, ax = plt.subplots(figsize=(7, 1.0 + 0.45 * len(table)))
     lo = (table["Δ mean"] - table["CI low"]).fillna(0)
@@ -295,7 +326,7 @@ def forest(table: pd.DataFrame, out: Path, checkpoint: str, dataset: str) -> str
     ax.axvline(0, color="grey", lw=1, ls="--")
     ax.set_yticks(y, labels)
     ax.set_xlabel(f"test Dice − {table['vs'].iloc[0]} (points), mean and 95 % interval over seeds")
-    ax.set_title(f"paired over seeds; {CHECKPOINTS[checkpoint]}", fontsize=9)
+    ax.set_title(f"{data[0]}: paired over seeds; {CHECKPOINTS[checkpoint]}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "forest.png", dpi=110)
@@ -305,7 +336,7 @@ def forest(table: pd.DataFrame, out: Path, checkpoint: str, dataset: str) -> str
 
 def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
     """Every counted trial with its MLflow run id, so each table cell can be traced back."""
-    cols = {"run_id": "run_id", "tags.buarl.sweep": "sweep", "method": "method", "labeled": "labeled",
+    cols = {"data": "data", "run_id": "run_id", "tags.buarl.sweep": "sweep", "method": "method", "labeled": "labeled",
             "seed": "seed", **{f"params.{p}": p for p in SEARCHABLE + READINGS},
             "metrics.best_val_dice": "best_val_dice", "metrics.best_step": "best_step",
             **{f"metrics.test_{k}": f"test_{k}" for k, *_ in METRICS},
@@ -317,7 +348,7 @@ def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
     out = trials[list(present)].rename(columns=present)
     # train_seconds restarts with a resumed worker; the run's own span covers the restarts
     out["wall_minutes"] = ((trials["end_time"] - trials["start_time"]).dt.total_seconds() / 60).round(1).values
-    out.insert(5, "in_tables", trials["run_id"].isin(chosen["run_id"]).values)
+    out.insert(6, "in_tables", trials["run_id"].isin(chosen["run_id"]).values)
     return out.sort_values(["labeled", "method", "seed"]).reset_index(drop=True)
 
 
@@ -328,8 +359,9 @@ def _latex_text(v) -> str:
     return r"\textbf{" + text.strip("*") + "}" if text.startswith("**") else text
 
 
-def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool, csv: bool = True) -> None:
-    """CSV (numbers only), Markdown (flat headers) and LaTeX (booktabs) of one table."""
+def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool, csv: bool = True, data: str = "") -> None:
+    """CSV (numbers only), Markdown (flat headers) and LaTeX (booktabs) of one table; `data`
+    names what the runs trained on, above the Markdown table and in a LaTeX comment."""
     if csv:
         df.to_csv(out / f"{stem}.csv", index=index)
     flat = df.copy()
@@ -346,7 +378,8 @@ def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool, csv: bool =
     # the cells are formatted above: tabulate must not parse "+2.20" or "0.060" back to numbers
     align = (["left"] if index else []) + ["right" if pd.api.types.is_numeric_dtype(df[c]) or isinstance(
         df.columns, pd.MultiIndex) or c in df.select_dtypes("number") else "left" for c in df.columns]
-    (out / f"{stem}.md").write_text(flat.to_markdown(index=index, disable_numparse=True, colalign=align) + "\n")
+    caption = f"Data: {data}\n\n" if data else ""
+    (out / f"{stem}.md").write_text(caption + flat.to_markdown(index=index, disable_numparse=True, colalign=align) + "\n")
     tex = flat.rename(columns={"Δ Dice vs BCP": r"$\Delta$ Dice vs BCP"}) if not isinstance(df.columns, pd.MultiIndex) \
         else df
     tex = tex.map(_latex_text)
@@ -361,7 +394,7 @@ def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool, csv: bool =
     numeric = ["r" if pd.api.types.is_numeric_dtype(df[c]) or isinstance(df.columns, pd.MultiIndex) else "l"
                for c in df.columns]
     latex = styler.to_latex(hrules=True, multicol_align="c", column_format=("l" if index else "") + "".join(numeric))
-    (out / f"{stem}.tex").write_text(_cmidrules(latex, df, index) + "\n")
+    (out / f"{stem}.tex").write_text((f"% data: {data}\n" if data else "") + _cmidrules(latex, df, index) + "\n")
 
 
 def _cmidrules(latex: str, df: pd.DataFrame, index: bool) -> str:
@@ -378,6 +411,7 @@ def _cmidrules(latex: str, df: pd.DataFrame, index: bool) -> str:
 
 
 def plots(trials: pd.DataFrame, out: Path) -> list[str]:
+    name, _ = data_of(trials)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -393,6 +427,7 @@ def plots(trials: pd.DataFrame, out: Path) -> list[str]:
             ax.scatter(x, g["metrics.best_val_dice"], marker="o", label=f"val, labeled={labeled}")
             ax.scatter(x, g["metrics.test_dice"], marker="x", label=f"test, labeled={labeled}")
         ax.set_xlabel(p), ax.set_ylabel("Dice"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        ax.set_title(name, fontsize=9)
         fig.tight_layout()
         fig.savefig(out / f"sensitivity_{p}.png", dpi=100)
         plt.close(fig)
@@ -405,7 +440,7 @@ def plots(trials: pd.DataFrame, out: Path) -> list[str]:
         norm["labeled"] = trials["labeled"].astype(str).values
         fig, ax = plt.subplots(figsize=(7, 3.5))
         pd.plotting.parallel_coordinates(norm, "labeled", ax=ax, alpha=0.7)
-        ax.set_ylabel("normalised value"), ax.set_title("sweep trials (min-max scaled per axis)")
+        ax.set_ylabel("normalised value"), ax.set_title(f"{name}: sweep trials (min-max scaled per axis)")
         fig.tight_layout()
         fig.savefig(out / "parallel.png", dpi=100)
         plt.close(fig)
@@ -415,9 +450,9 @@ def plots(trials: pd.DataFrame, out: Path) -> list[str]:
 
 def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, parents: list[dict],
            files: list[str], protocol: str = "", checkpoint: str = "best") -> str:
-    dataset = str(trials["dataset"].iloc[0]).upper()
-    data = f"{dataset} phantom (built-in, synthetic)" if protocol == "phantom" else \
-        f"{dataset} at `{trials['params.data_root'].iloc[0]}`"
+    name, cases = data_of(trials)
+    data = (f"{name} (built-in, synthetic{f', {cases} training cases' if cases else ''}; "
+            "not real scans)" if trials["synthetic"].any() else f"{name} at `{trials['params.data_root'].iloc[0]}`")
     published = ("published numbers (`results/reference/published.csv`) in their own rows"
                  if protocol in PAPER_PROTOCOLS else
                  f"no published numbers beside them: these runs follow `{protocol}`, not the paper's protocol")
@@ -456,18 +491,23 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
     chosen = best_per_seed(trials)
     protocol = protocol_of(trials)
     numbers, display = comparison(chosen, published, protocol)
+    name, cases = data_of(chosen)
+    caption = name + (" (synthetic)" if chosen["synthetic"].any() else "")
     files = []
-    write_table(display, out, "comparison", index=True, csv=False)
+    write_table(display, out, "comparison", index=True, csv=False, data=caption)
     numbers.to_csv(out / "comparison.csv", index=False)  # the numbers behind the display, unformatted
     files += ["comparison.md", "comparison.tex", "comparison.csv"]
     abl = ablation(chosen)
     if not abl.empty:
-        write_table(abl, out, "ablation", index=False)
+        abl["data"] = name
+        write_table(abl, out, "ablation", index=False, data=caption)
         files += ["ablation.md", "ablation.tex", "ablation.csv"]
     pairs = paired(chosen)
     if not pairs.empty:
-        write_table(pairs, out, "paired", index=False)
-        files += ["paired.md", "paired.tex", "paired.csv", forest(pairs, out, checkpoint, numbers["dataset"].iloc[0])]
+        pairs["data"] = name
+        write_table(pairs, out, "paired", index=False, data=caption)
+        files += ["paired.md", "paired.tex", "paired.csv",
+                  forest(pairs, out, checkpoint, numbers["dataset"].iloc[0], (name, cases))]
     trial_list(trials, chosen).to_csv(out / "trials.csv", index=False)
     files += ["trials.csv"]
     files += plots(trials, out)
@@ -487,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", required=True, action="append",
                    help="MLflow experiment (the space name); repeat to pool experiments of one protocol")
     p.add_argument("--tracking-uri", help="default sqlite:///$PWD/mlflow.db")
-    p.add_argument("--out", help="output folder (default results/<experiment>)")
+    p.add_argument("--out", help="output folder (default results/local/<experiment>, which git ignores: "
+                                 "results/ beside it holds the committed real-data results)")
     p.add_argument("--published", default=str(PUBLISHED), help="published reference numbers (CSV)")
     p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="best",
                    help="whose test metrics: the best-on-validation checkpoint (BCP's way) or the last iterate")
@@ -496,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         print(f"buarl-tables: error: no tracking database at {uri}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"results/{args.experiment[0]}")
+    out = Path(args.out or f"results/local/{args.experiment[0]}")
     try:
         files = build(args.experiment, uri, out, Path(args.published), args.checkpoint)
     except BuarlError as e:

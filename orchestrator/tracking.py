@@ -10,6 +10,7 @@ trial ended can leave that trial unfinished in the saved state, and `--resume` r
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -21,7 +22,8 @@ from ray.tune import Callback
 
 from buarl import run_folder
 from buarl.errors import BuarlError
-from orchestrator.names import TAG_DIGEST, TAG_POINT, TAG_ROW, TAG_SWEEP, TAG_TRIAL  # noqa: F401 (re-exported)
+from orchestrator.names import (TAG_DATA, TAG_DIGEST, TAG_POINT, TAG_ROW, TAG_SWEEP,  # noqa: F401 (re-exported)
+                             TAG_CASES, TAG_SYNTHETIC, TAG_TRIAL)
 from orchestrator.redaction import redact  # noqa: F401 (re-exported)
 
 
@@ -136,14 +138,17 @@ def _numeric(result: dict) -> dict[str, float]:
 
 
 def resolved_params(values: dict) -> dict:
-    """Every key of the trial's resolved config (defaults included), so that a search such
-    as `params.ema_decay = '0.99'` finds runs that never set it."""
+    """Every key of the trial's resolved config that the run reads (defaults included), so
+    that a search such as `params.ema_decay = '0.99'` finds runs that never set it; keys of
+    the other dataset or of another base are left out (Config.inapplicable)."""
     from buarl.config import validate
     from buarl.errors import ConfigError
     try:
-        return validate(values, source="trial config").to_dict()
+        cfg = validate(values, source="trial config")
     except ConfigError:  # the trial itself reports why; log what was given
         return values
+    skip = cfg.inapplicable()
+    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
 
 
 def copy_checkpoint(path: str, dest: Path) -> Path:
@@ -158,12 +163,14 @@ def copy_checkpoint(path: str, dest: Path) -> Path:
 
 
 def export_pytorch_model(client, run_id: str, obj: dict, source: Path) -> None:
-    """A trial's best weights (`obj`, read from `source`) in MLflow's own model format
-    (artifact `model`), so that `mlflow models` tooling and the UI's model view work. pt2
-    (torch.export) rather than pickle: loading it runs no pickled code. A failure here costs
-    the trial nothing: it is reported, the run keeps best.pt."""
+    """A trial's best weights (`obj`, read from `source`) as an MLflow logged model of its run
+    (MLflow's own format, named `model`, an output of the run: the UI's Models column links
+    it), so that `mlflow models` tooling works. pt2 (torch.export) rather than pickle: loading
+    it runs no pickled code. A failure here costs the trial nothing: it is reported, the run
+    keeps best.pt."""
     import mlflow.pytorch
     import numpy as np
+    from mlflow.entities import LoggedModelOutput
 
     from buarl.checkpoint import config_of
     from buarl.nets import build
@@ -176,7 +183,14 @@ def export_pytorch_model(client, run_id: str, obj: dict, source: Path) -> None:
             mlflow.pytorch.save_model(model.eval(), f"{tmp}/model", serialization_format="pt2",
                                       pip_requirements=["torch"],
                                       input_example=np.zeros([2, 1, *size], np.float32))  # batch 2: not fixed to 1
-            client.log_artifacts(run_id, f"{tmp}/model", artifact_path="model")
+            run = client.get_run(run_id)
+            logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                                model_type="pytorch",
+                                                tags={TAG_DATA: run.data.tags.get(TAG_DATA, ""),
+                                                      TAG_POINT: run.data.tags.get(TAG_POINT, "")})
+            client.log_model_artifacts(logged.model_id, f"{tmp}/model")
+            client.finalize_logged_model(logged.model_id, "READY")
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=int(obj.get("step", 0) or 0))])
     except Exception as e:
         print(f"WARNING: run {run_id}: MLflow model not logged ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
               flush=True)
@@ -230,12 +244,24 @@ def close_model_exports(cancel: bool = False) -> None:
         _exports = None
 
 
+def dataset_input(data: dict):
+    """What a trial trained on (buarl.data.origin) as an MLflow dataset input: the runs
+    table's Dataset column shows its name and digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    dataset = Dataset(name=data["name"], digest=data.get("digest") or "unknown", source_type="local",
+                      source=json.dumps({"uri": redact(data.get("root", ""))}),
+                      profile=json.dumps({"synthetic": bool(data.get("synthetic"))}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
+
+
 class MlflowTrials(Callback):
     """Driver-side Tune callback: a child run per trial with params, curves and artifacts."""
 
     def __init__(self, client, experiment_id: str, parent_id: str, sweep: str, point: str, base: dict,
-                 digest: Optional[str] = None, pretrained_runs: Optional[dict] = None, row: Optional[str] = None):
+                 digest: Optional[str] = None, pretrained_runs: Optional[dict] = None, row: Optional[str] = None,
+                 data: Optional[dict] = None):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.data = data or {}  # what the trials train on (buarl.data.origin)
         # shared pre-training hash -> its MLflow run: a forked trial's run links to it
         self.pretrained_runs = pretrained_runs or {}
         self.linked: set[str] = set()  # trials whose run is tagged with its pre-training
@@ -257,6 +283,7 @@ class MlflowTrials(Callback):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("linked", set())  # pickled by a sweep started before the set
+        self.__dict__.setdefault("data", {})
         self.client = _client  # the sweep opens its store before Tune restores a grid point
 
     def _run_for(self, trial) -> str:
@@ -276,16 +303,31 @@ class MlflowTrials(Callback):
             self.logged[trial.trial_id] = self._last_logged(run_id, found[0].data.metrics)
         else:
             run = self.client.create_run(
-                self.experiment_id, run_name=f"{self.point}-{trial.trial_id}",
+                self.experiment_id, run_name=self.run_name(trial.trial_id, trial.config),
                 tags={"mlflow.parentRunId": self.parent_id, TAG_TRIAL: trial.trial_id,
                       TAG_SWEEP: self.sweep, TAG_POINT: self.point, "buarl.role": "trial",
-                      **({TAG_ROW: self.row} if self.row else {})})
+                      **({TAG_ROW: self.row} if self.row else {}),
+                      **({TAG_DATA: self.data["name"], TAG_SYNTHETIC: str(self.data["synthetic"]).lower(),
+                          TAG_CASES: str(self.data.get("train_cases") or "")} if self.data else {})})
             run_id = run.info.run_id
             params = resolved_params({**self.base, **trial.config})
             from mlflow.entities import Param
             self.client.log_batch(run_id, params=[Param(k, redact(v)[:6000]) for k, v in sorted(params.items())])
+            if self.data:
+                self.client.log_inputs(run_id, datasets=[dataset_input(self.data)])
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def run_name(self, trial_id: str, config: dict) -> str:
+        """What tells a trial from its siblings, first (the UI cuts long names): its number in
+        the grid point and its searched values; a trial of a search-free point is the point.
+        The grid point stays in the tags."""
+        number = trial_id.rsplit("_", 1)[-1].lstrip("0") or "0"
+        searched = {k: v for k, v in config.items() if k not in self.base or self.base[k] != v}
+        if not searched:
+            return self.point
+        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(searched.items()))
+        return f"#{number} {shown}"
 
     def _last_logged(self, run_id: str, keys) -> tuple[int, set[str]]:
         """What a run reopened by --resume already holds: its last step and the keys at it."""

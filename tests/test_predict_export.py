@@ -55,6 +55,13 @@ def test_nifti_prediction_equals_the_evaluation_protocol_voxel_for_voxel(acdc_ph
     u = np.asarray(nib.load(str(tmp_path / "pred" / "scan_uncertainty.nii.gz")).dataobj)
     assert u.shape == labels.shape and u.dtype == np.float32 and 0 <= u.min() and u.max() <= 1
 
+    # a 4-D file of one frame, (x, y, z, 1), is that volume: the same labels, in its own shape
+    nib.save(nib.Nifti1Image(np.moveaxis(case.image, 0, -1)[..., None], AFFINE), str(tmp_path / "frame.nii.gz"))
+    assert main(["predict", "--model", str(folder), "--input", str(tmp_path / "frame.nii.gz"),
+                 "--out", str(tmp_path / "pred")]) == 0
+    one = np.asarray(nib.load(str(tmp_path / "pred" / "frame.nii.gz")).dataobj)
+    assert one.shape == labels.shape + (1,) and np.array_equal(one[..., 0], labels)
+
 
 def test_h5_and_npy_inputs_keep_the_benchmark_layout(acdc_phantom, acdc_model, tmp_path):
     folder, cfg = acdc_model
@@ -175,3 +182,31 @@ def test_export_picks_the_best_trial_by_validation_not_test(acdc_phantom, tmp_pa
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert main(["export", "--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "x")]) == 2
     shutil.rmtree(out)
+
+
+def test_a_phantom_model_says_so_in_its_card_and_at_every_predict(acdc_phantom, tmp_path, capsys):
+    from buarl.data import origin
+    folder, cfg = _model_folder(acdc_phantom, tmp_path / "model")
+    card = (folder / "README.md").read_text()
+    assert card.startswith("# buarl model: ACDC phantom,") and "**Synthetic data.**" in card
+    case = load_benchmark(cfg).test[0]
+    nib.save(nib.Nifti1Image(np.moveaxis(case.image, 0, -1), AFFINE), str(tmp_path / "scan.nii.gz"))
+    for out in ("p1", "p2"):
+        capsys.readouterr()
+        assert main(["predict", "--model", str(folder), "--input", str(tmp_path / "scan.nii.gz"),
+                     "--out", str(tmp_path / out)]) == 0
+        warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+        assert len(warnings) == 1 and "synthetic phantom" in warnings[0] and str(folder) in warnings[0]
+    # the same weights from real data (a root without the phantom's marker): no warning, no marker
+    real = tmp_path / "real"
+    shutil.copytree(acdc_phantom, real)
+    (real / "PHANTOM.json").unlink()
+    real_origin = origin(cfg.model_copy(update={"data_root": str(real)}))
+    assert (real_origin["name"], real_origin["synthetic"]) == ("ACDC", False)
+    assert real_origin["digest"] == origin(cfg)["digest"]  # the same case lists
+    folder2, _ = _model_folder(real, tmp_path / "model2")
+    assert (folder2 / "README.md").read_text().startswith("# buarl model: ACDC, ")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folder2), "--input", str(tmp_path / "scan.nii.gz"),
+                 "--out", str(tmp_path / "p3")]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -71,7 +71,8 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     ("grid: {labeled: [2]}\nfixed: {labeled_bs: 99}\n", "labeled_bs=99 is larger than batch_size"),
     ("grid: {labeled: [2]}\nmetric: loss\nmode: min\n", "'loss' is not a metric the trials report (use best_val_dice, val_dice, train_loss)"),
     ("grid: {labeled: [2]}\nresources: {runner: ray}\n", "resources.runner"),
-    ("grid: [1, 2\n", "not valid YAML"),
+    ("grid: [1, 2\n", ".yaml:3:1: not valid YAML (expected ',' or ']', but got '<stream end>', while parsing a "
+                       "flow sequence that starts at line 2)"),
     ("- just a list\n", "expected a mapping"),
 ])
 def test_malformed_space_exits_2_with_one_line(tmp_path, capsys, text, fragment):

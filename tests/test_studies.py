@@ -2,9 +2,18 @@
 import json
 
 import optuna
+import pytest
 
 from orchestrator import studies
 from orchestrator.sweep import main as sweep_main
+
+
+@pytest.fixture(autouse=True)
+def _no_other_cluster(monkeypatch):
+    """These refusals come before Ray; another cluster on the machine (a test elsewhere, an
+    experiment) is refused first, by design, and is not what these tests look at."""
+    import orchestrator.sweep
+    monkeypatch.setattr(orchestrator.sweep, "live_local_cluster", lambda: None)
 
 
 def _old_sweep(folder, point="labeled=2_seed=1337", values=(0.4, 0.6)):

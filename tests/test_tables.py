@@ -31,7 +31,9 @@ def store(tmp_path, request):
         base, url, crl = METHODS[method]
         run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": trial,
                                            "mlflow.parentRunId": parent}).info.run_id
-        protocol = getattr(request, "param", PAPER)
+        protocol = dict(getattr(request, "param", PAPER))
+        for k, v in protocol.pop("_tags", {}).items():  # what a sweep tags (buarl.data.origin)
+            client.set_tag(run, k, v)
         for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": seed, "dataset": "acdc",
                      "tau_l": tau, "rampup_iters": 100 * len(method), **protocol}.items():  # a per-method setting
             client.log_param(run, k, v)
@@ -177,19 +179,33 @@ def test_experiments_of_one_protocol_pool(store, tmp_path, capsys):
     assert "experiment 'gone' not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("store, protocol, data", [
-    ({"data_root": None, "image_size": 64, "batch_size": 8, "pretrain_iters": 20, "iters": 60}, "phantom",
-     "ACDC phantom (built-in, synthetic)"),
+PHANTOM = {"data_root": "/c/phantom-acdc-c8-s0", "image_size": 64, "batch_size": 8, "pretrain_iters": 20,
+           "iters": 60}
+
+
+@pytest.mark.parametrize("store, protocol, data, ratio", [
+    ({**PHANTOM, "_tags": {"buarl.data": "ACDC phantom", "buarl.synthetic": "true", "buarl.train_cases": "8"}},
+     "phantom", "ACDC phantom (built-in, synthetic, 8 training cases; not real scans)", "3 of 8 patients (37.5 %)"),
+    ({**PHANTOM, "data_root": None}, "phantom", "ACDC phantom (built-in, synthetic; not real scans)", "3 patients,"),
     ({"data_root": "/d/ACDC", "image_size": 128, "batch_size": 16, "pretrain_iters": 500, "iters": 1000}, "acdc_cpu",
-     "ACDC at `/d/ACDC`")], indirect=["store"])
-def test_tables_name_their_protocol_and_show_published_numbers_only_beside_the_papers(store, tmp_path, protocol, data):
+     "ACDC at `/d/ACDC`", "3 patients (5%)")], indirect=["store"])
+def test_tables_name_their_protocol_and_show_published_numbers_only_beside_the_papers(store, tmp_path, protocol, data,
+                                                                                      ratio):
     uri, _ = store
     out = tmp_path / "tables"
     assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
     md = (out / "comparison.md").read_text()
-    assert f"3 patients (5%), {protocol}" in md and "(published)" not in md and "87.59" not in md
+    assert f"{ratio}{',' if not ratio.endswith(',') else ''} {protocol}" in md
+    assert "(published)" not in md and "87.59" not in md
     readme = (out / "README.md").read_text()
     assert f"data: {data}; protocol: `{protocol}`; no published numbers beside them" in readme
+    # every table, CSV row and figure names its data; a phantom's share is never the benchmark's
+    name = data.split(" (")[0].split(" at ")[0]
+    assert md.startswith(f"Data: {name}") and (out / "comparison.tex").read_text().startswith(f"% data: {name}")
+    for csv in ("comparison.csv", "ablation.csv", "trials.csv"):
+        assert set(pd.read_csv(out / csv)["data"]) == {name}, csv
+    if "phantom" in name:
+        assert "(5%)" not in md and "(10%)" not in md
 
 
 def test_paper_protocol_tables_say_so(store, tmp_path):

@@ -103,11 +103,16 @@ def test_source_digest_changes_with_any_source_file(tmp_path):
     assert source_digest(pkg) != first
 
 
-def test_every_resolved_config_key_is_a_param(acdc_phantom):
+def test_every_resolved_config_key_the_run_reads_is_a_param(acdc_phantom):
     from buarl.config import Config
     from orchestrator.tracking import resolved_params
     params = resolved_params({"dataset": "acdc", "data_root": str(acdc_phantom), "tau_l": 0.3})
-    assert set(params) == set(Config.model_fields) and params["ema_decay"] == 0.99 and params["tau_l"] == 0.3
+    la_only = {"patch_size", "la_stride_xy", "la_stride_z", "la_lcc"}
+    assert set(params) == set(Config.model_fields) - la_only - {"mt_consistency"}
+    assert params["ema_decay"] == 0.99 and params["tau_l"] == 0.3 and params["image_size"] == 256
+    la_mt = resolved_params({"dataset": "la", "base": "mt", "labeled_bs": 2, "batch_size": 4})
+    assert {"patch_size", "la_lcc", "mt_consistency"} <= set(la_mt) and "image_size" not in la_mt
+    assert not {"pretrain_iters", "paste_ratio", "self_train_init"} & set(la_mt)  # BCP's alone
 
 
 def test_a_replayed_evaluation_is_logged_once(sweep):
@@ -185,6 +190,7 @@ def test_a_trials_model_is_exported_in_the_background_after_its_run_is_final(swe
     with its files when the callback returns, the model lands once the queue is closed, and
     the callback still pickles (Tune keeps it in tuner.pkl and resumes the unpickled copy)."""
     import ray.cloudpickle
+    import torch
 
     from buarl.checkpoint import save_best
     from buarl.config import load_config
@@ -208,9 +214,16 @@ def test_a_trials_model_is_exported_in_the_background_after_its_run_is_final(swe
         assert run.info.status == "FINISHED"
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "best.pt"}
     close_model_exports()
-    model = [a.path for a in client.list_artifacts(driver.runs["m"], "model")]
-    assert "model/MLmodel" in model
-    assert client.list_artifacts(driver.runs["n"], "model") == []
+    # a logged model of the run (the UI's Models column), in MLflow's own format
+    logged = client.search_logged_models([exp], filter_string=f"source_run_id = '{driver.runs['m']}'")
+    assert len(logged) == 1 and logged[0].status.to_proto() == logged[0].status.READY.to_proto()
+    assert logged[0].name == "model" and [o.model_id for o in client.get_run(driver.runs["m"]).outputs.model_outputs] \
+        == [logged[0].model_id]
+    import mlflow.pytorch
+    mlflow.set_tracking_uri(client.tracking_uri)
+    net = mlflow.pytorch.load_model(f"models:/{logged[0].model_id}")
+    assert net(torch.zeros(2, 1, 64, 64)).shape[:2] == (2, 4)
+    assert client.search_logged_models([exp], filter_string=f"source_run_id = '{driver.runs['n']}'") == []
     out = capsys.readouterr().out
     assert f"run {driver.runs['n']}: MLflow model not logged" in out and "not a readable checkpoint" in out
 
@@ -226,3 +239,23 @@ def test_two_drivers_opening_one_new_store_at_once_both_get_it(tmp_path):
                               text=True, cwd=str(ROOT)) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outs]
+
+
+def test_a_trials_run_name_starts_with_what_tells_it_apart(sweep):
+    """The MLflow UI cuts names to their first characters: the trial's number and searched
+    values come first; the grid point (and the data) are tags."""
+    client, exp, parent = sweep
+    driver = MlflowTrials(client, exp, parent, "s", "labeled=3_seed=11", {"labeled": 3, "seed": 11},
+                          data={"name": "ACDC phantom", "synthetic": True, "root": "/x"})
+    trial = SimpleNamespace(trial_id="4a7c8_00012", config={"tau_l": 0.312345, "crl_mode": "soft"},
+                            last_result={}, checkpoint=None)
+    driver.on_trial_start(0, [], trial)
+    run = client.get_run(driver.runs["4a7c8_00012"])
+    assert run.info.run_name == "#12 crl_mode=soft tau_l=0.312"
+    assert run.data.tags["buarl.grid_point"] == "labeled=3_seed=11"
+    assert (run.data.tags["buarl.data"], run.data.tags["buarl.synthetic"]) == ("ACDC phantom", "true")
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]  # the runs table's Dataset column
+    assert (dataset.name, dataset.digest) == ("ACDC phantom", "unknown")
+    plain = SimpleNamespace(trial_id="4a7c8_00000", config={}, last_result={}, checkpoint=None)
+    driver.on_trial_start(0, [], plain)  # a search-free grid point: one trial, named by its point
+    assert client.get_run(driver.runs["4a7c8_00000"]).info.run_name == "labeled=3_seed=11"

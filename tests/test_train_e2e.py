@@ -28,7 +28,9 @@ def _check_run(out, dataset):
     assert sorted(metrics["per_class"]) == sorted(names)
     assert len(metrics["per_case"]) == metrics["cases"] > 0
     assert metrics["empty_policy"] == "reference" and metrics["empty_predictions"] >= 0
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    nested = yaml.safe_load((out / "config.yaml").read_text())
+    assert list(nested) == ["method", "protocol", "execution"]
+    cfg = {k: v for section in nested.values() for k, v in section.items()}
     assert load_config(str(out / "config.yaml")).to_dict() == cfg  # the resolved config reloads as is
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == cfg["seed"] and run["code_version"] and run["data_root"] == cfg["data_root"]
@@ -236,3 +238,29 @@ def test_one_writer_names_the_run_files(tmp_path, acdc_phantom):
     assert best["step"] == 6 and best["val_dice"] == 0.25 and config_of(best, tmp_path / "best.pt") == cfg
     assert json.loads((tmp_path / run_folder.METRICS).read_text()) == metrics
     assert (tmp_path / run_folder.REGIONS).stat().st_size > 1000
+
+
+def test_best_val_dice_is_the_best_so_far_of_its_stage(acdc_phantom):
+    """At a pre-training evaluation best_val_dice is pre-training's best so far (what
+    self-training starts from), never 0 beside a positive val_dice; in self-training it is
+    self-training's own best so far, the run's result."""
+    class Evaluations(Reporter):
+        def __init__(self):
+            self.seen = []
+
+        def checkpoint(self, step, metrics, state, is_best):
+            self.seen.append((step, metrics["val_dice"], metrics["best_val_dice"]))
+
+    rec = Evaluations()
+    cfg = load_config("phantom", {"data_root": str(acdc_phantom), "pretrain_iters": 6, "iters": 6,
+                                  "eval_every": 2, "log_every": 2, "threads": 1})
+    metrics = train(cfg, rec)
+    pre, self_ = [s for s in rec.seen if s[0] <= 6], [s for s in rec.seen if s[0] > 6]
+    assert len(pre) == 3 and len(self_) == 3
+    for stage in (pre, self_):
+        for i, (_, _, best) in enumerate(stage):
+            assert best == max(v for _, v, _ in stage[:i + 1])
+    assert metrics["best_val_dice"] == self_[-1][2]
+    assert {k: metrics["data"][k] for k in ("name", "synthetic", "root")} == {
+        "name": "ACDC phantom", "synthetic": True, "root": str(acdc_phantom)}
+    assert len(metrics["data"]["digest"]) == 12

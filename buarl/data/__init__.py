@@ -17,6 +17,43 @@ def resolve_root(cfg: Config) -> Path:
     return phantom.cached(cfg.dataset, Path(cache) if cache else None, cases=8 if cfg.dataset == "acdc" else 10)
 
 
+def origin(cfg: Config) -> dict:
+    """What a run trained on, for its model card, MLflow run and tables: the dataset's name
+    (with "phantom" for buarl's synthetic data), whether it is synthetic, and the root."""
+    root = resolve_root(cfg) if cfg.data_root is None else Path(cfg.data_root).expanduser()
+    synthetic = cfg.data_root is None or (root / phantom.MARKER).is_file()
+    name = cfg.dataset.upper() + (" phantom" if synthetic else "")
+    return {"name": name, "synthetic": synthetic, "root": str(root), "digest": lists_digest(root),
+            "train_cases": train_cases(root, cfg.dataset)}
+
+
+def train_cases(root: Path, dataset: str) -> int | None:
+    """Training cases of the root (ACDC: patients of train_slices.list; LA: scans of
+    train.list): what a label ratio is a share of. None where the list cannot be read."""
+    from buarl.data.acdc import patient_of
+    try:
+        if dataset == "acdc":
+            names = (Path(root) / "train_slices.list").read_text().split()
+            return len({patient_of(n) for n in names}) or None
+        return len((Path(root) / "train.list").read_text().split()) or None
+    except OSError:
+        return None
+
+
+def lists_digest(root: Path) -> str | None:
+    """12 hex digits over the root's case lists (names and contents): which cases, in which
+    splits; None where the root cannot be read here."""
+    import hashlib
+    try:
+        lists = sorted(Path(root).glob("*.list"))
+        h = hashlib.sha256()
+        for f in lists:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    except OSError:
+        return None
+    return h.hexdigest()[:12] if lists else None
+
+
 # Every config field the loaders read: configs that agree on them load equal data, so a sweep
 # loads each distinct setting once and shares it with its trials (tests/test_config_and_data.py
 # records what the loaders read).

@@ -5,6 +5,7 @@ folders, list files, h5 keys, dtypes and value ranges, deterministic per seed.
 """
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -47,6 +48,17 @@ def _cardiac_volume(rng: np.random.Generator, depth: int, h: int, w: int, frame:
     return image, label
 
 
+# Written into every phantom's root: what trains on it, and every model, table and MLflow
+# run made from that, says it saw synthetic data (buarl.data.origin).
+MARKER = "PHANTOM.json"
+
+
+def mark(out: Path, kind: str, cases: int, seed: int) -> None:
+    (Path(out) / MARKER).write_text(json.dumps(
+        {"synthetic": True, "kind": kind, "cases": cases, "seed": seed,
+         "note": "buarl's synthetic phantom: shapes in the benchmark's layout, not real scans"}, indent=2) + "\n")
+
+
 def make_acdc(out: Path, cases: int = 8, seed: int = 0) -> Path:
     """`cases` training patients (2 frames each) plus val and test patients."""
     rng = np.random.default_rng(seed)
@@ -73,6 +85,7 @@ def make_acdc(out: Path, cases: int = 8, seed: int = 0) -> Path:
     (out / "train_slices.list").write_text("\n".join(slices) + "\n")
     for split, names in lists.items():
         (out / f"{split}.list").write_text("\n".join(names) + "\n")
+    mark(out, "acdc", cases, seed)
     return out
 
 
@@ -103,6 +116,7 @@ def make_la(out: Path, cases: int = 8, seed: int = 0) -> Path:
             lists[split].append(scan)
     for split, names in lists.items():
         (out / f"{split}.list").write_text("\n".join(names) + "\n")
+    mark(out, "la", cases, seed)
     return out
 
 
@@ -115,6 +129,8 @@ def cached(kind: str, cache_dir: Path | None = None, cases: int = 8, seed: int =
     base = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "buarl"
     root = base / f"phantom-{kind}-c{cases}-s{seed}"
     done = root / ".complete"
+    if done.exists() and not (root / MARKER).exists():  # cached by a version before the marker
+        mark(root, kind, cases, seed)
     if not done.exists():
         tmp = root.with_name(root.name + ".tmp")
         if tmp.exists():
