@@ -109,15 +109,17 @@ def timed(cmd: list[str], log: Path, watch: CpuWatch | None = None) -> float:
 def sweep_trials(tracking_uri: str, experiment: str) -> dict[int, dict]:
     """seed -> {test_dice, train_seconds} of the sweep's finished trial runs."""
     import mlflow
+    from orchestrator.names import flat_run_metrics
 
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], "tags.buarl.role = 'trial'") if exp else []
     out = {}
     for r in runs:
-        if r.info.status == "FINISHED" and "test_dice" in r.data.metrics:
-            out[int(float(r.data.params["seed"]))] = {"test_dice": r.data.metrics["test_dice"],
-                                                    "train_seconds": r.data.metrics.get("train_seconds")}
+        metrics = flat_run_metrics(r.data.metrics)
+        if r.info.status == "FINISHED" and "test_dice" in metrics:
+            out[int(float(r.data.params["seed"]))] = {"test_dice": metrics["test_dice"],
+                                                    "train_seconds": metrics.get("train_seconds")}
     return out
 
 

@@ -2,7 +2,9 @@
 
 - ``method``: what BUARL (or its base) does; changing it changes the method;
 - ``protocol``: the experiment around it: data, label ratio, schedule, evaluation, seed;
-- ``execution``: device, precision, compile, threads: how fast a run goes, never its results.
+- ``execution``: device, precision, compile, threads: how a run is computed, not what. They
+  still change its rounding (bf16; on the CPU the thread count changes the order of float
+  sums), so a run reproduces exactly with the same seed *and* the same execution.
 
 A YAML file may write the sections (``method: {tau_l: 0.3}``, as the shipped configs and a
 run's ``config.yaml`` do) or flat keys; a sweep's space and ``--set`` name keys flat
@@ -108,8 +110,8 @@ class Protocol(BaseModel):
 
 
 class Execution(BaseModel):
-    """Where and how fast a run goes: the same method and protocol give the same results
-    (bit for bit on a CPU) whatever these say, up to the precision's rounding."""
+    """Where and how fast a run goes: the same method and protocol give the same results up
+    to rounding; bit for bit (on a CPU) only with the same execution, threads included."""
     precision: Literal["auto", "bf16", "fp32", "amp"] = "auto"
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads, 0: leave as is")

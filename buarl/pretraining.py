@@ -26,8 +26,9 @@ FILE = "pretrained.pt"  # in a --pretrain-only run folder and a sweep's <storage
 
 # Every setting the pre-training stage reads: data and split, the network and its
 # arithmetic, the sampler, the optimizer and its schedule, the copy-paste loss, and when it
-# validates (which checkpoint is best). Threads are left out: they change speed, and on the
-# CPU's reductions at most the last bits.
+# validates (which checkpoint is best). Threads are left out so that sweeps run at other
+# thread counts share it: on the CPU they change the order of float sums, so a fork from a
+# pre-training made at another count is the same run statistically, not bit for bit.
 KEYS = ("dataset", "data_root", "labeled", "val_cases", "image_size", "patch_size", "batch_size", "labeled_bs",
         "lr", "lr_schedule", "momentum", "weight_decay", "pretrain_iters", "eval_every", "paste_ratio",
         "pretrain_loss", "dice_smooth", "dice_form", "la_stride_xy", "la_stride_z",

@@ -13,7 +13,7 @@ from typing import Optional
 from buarl.checkpoint import config_of, read
 from buarl.errors import ConfigError
 from buarl.model_folder import write_model
-from orchestrator.names import PARENT, TAG_DIGEST, TAG_POINT, TAG_ROLE, TAG_VERSION, VAL_METRICS
+from orchestrator.names import PARENT, TAG_DIGEST, TAG_POINT, TAG_ROLE, TAG_VERSION, VAL_METRICS, flat_run_metrics
 from orchestrator.redaction import redact
 
 
@@ -25,12 +25,13 @@ def selection_metric(parent_params: dict) -> tuple[str, str]:
 
 def pick_best(runs: list, grid_glob: str, metric: str, mode: str):
     """The best of FINISHED trial runs (MLflow Run objects) whose grid point matches."""
+    values = {r.info.run_id: flat_run_metrics(r.data.metrics).get(metric) for r in runs}
     pool = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get(TAG_ROLE) == "trial"
-            and fnmatch.fnmatchcase(r.data.tags.get(TAG_POINT, ""), grid_glob) and metric in r.data.metrics]
+            and fnmatch.fnmatchcase(r.data.tags.get(TAG_POINT, ""), grid_glob) and values[r.info.run_id] is not None]
     if not pool:
         return None, 0
     sign = 1 if mode == "max" else -1
-    return max(pool, key=lambda r: (sign * r.data.metrics[metric], -r.info.start_time)), len(pool)
+    return max(pool, key=lambda r: (sign * values[r.info.run_id], -r.info.start_time)), len(pool)
 
 
 def export_best(experiment: str, grid_glob: str, tracking_uri: Optional[str], out: Path,
@@ -66,7 +67,7 @@ def export_best(experiment: str, grid_glob: str, tracking_uri: Optional[str], ou
         try:
             metrics = json.loads(Path(client.download_artifacts(run_id, "metrics.json", tmp)).read_text())
         except Exception:
-            metrics = {k: v for k, v in best.data.metrics.items() if k in ("best_val_dice",)}
+            metrics = {k: v for k, v in flat_run_metrics(best.data.metrics).items() if k in ("best_val_dice",)}
     origin = {"selected by": f"{metric} ({mode}) among {pool} finished trial(s) of grid points `{grid_glob}`",
               "MLflow run": f"`{run_id}` in experiment `{experiment}`, store `{redact(uri)}`",
               "grid point": best.data.tags.get(TAG_POINT),

@@ -26,6 +26,7 @@ from buarl import pretraining
 from buarl.config import validate
 from buarl.train import Reporter
 from orchestrator import storage as storage_fs
+from orchestrator.names import mlflow_key
 from orchestrator.space import with_probe
 
 FOLDER = "pretrain"
@@ -187,10 +188,10 @@ def run_all(keys: dict, storage: str, sweep: str, shared: dict, points: dict, re
             client.set_terminated(runs[h], status="FAILED")
             continue
         now = int(time.time() * 1000)
-        metrics = [Metric("val_dice", v, now, step) for step, v in result["curve"]]
+        metrics = [Metric(mlflow_key("val_dice"), v, now, step) for step, v in result["curve"]]
         for key in ("best_val_dice", "best_step", "seconds"):
             if result.get(key) is not None:
-                metrics.append(Metric(f"pretrain_{key}", float(result[key]), now, 0))
+                metrics.append(Metric(mlflow_key(f"pretrain_{key}"), float(result[key]), now, 0))
         client.log_batch(runs[h], metrics=metrics)
         client.set_terminated(runs[h], status="FINISHED")
         done[h] = {"path": location(storage, h)}

@@ -277,7 +277,10 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
         points.append(GridPoint(name=name.replace(" ", "-"), values=values, row=row))
     plan = Plan(space=space, space_file=str(space_file), phantom=phantom, base=base, points=points,
                 num_samples=num_samples or space.num_samples, max_concurrent=max_concurrent, threads_per_worker=1)
-    if space.resources.workers * space.resources.cpus_per_worker <= cpus:
+    given = {**space.fixed, **(space.phantom_fixed if phantom else {})}
+    if "threads" in given:  # the space's own choice (validated above); --threads still overrides it
+        plan.threads_per_worker = int(given["threads"])
+    elif space.resources.workers * space.resources.cpus_per_worker <= cpus:
         plan.threads_per_worker = max(1, int(cpus // max(1, plan.at_once * space.resources.workers)))
     return plan
 

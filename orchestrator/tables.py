@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from buarl.errors import BuarlError  # noqa: E402
+from orchestrator.names import flat_metrics  # noqa: E402
 
 METRICS = [("dice", "Dice %", 100.0, "max"), ("jaccard", "Jaccard %", 100.0, "max"),
            ("hd95", "95HD", 1.0, "min"), ("asd", "ASD", 1.0, "min")]
@@ -65,7 +66,7 @@ def search(experiments: list[str], tracking_uri: str) -> pd.DataFrame:
     for name in experiments:
         if MlflowClient(tracking_uri).get_experiment_by_name(name) is None:
             raise TablesError(f"experiment {name!r} not found in {tracking_uri}")
-    return mlflow.search_runs(experiment_names=list(experiments))
+    return flat_metrics(mlflow.search_runs(experiment_names=list(experiments)))
 
 
 def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:

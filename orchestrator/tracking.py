@@ -23,7 +23,7 @@ from ray.tune import Callback
 from buarl import run_folder
 from buarl.errors import BuarlError
 from orchestrator.names import (TAG_DATA, TAG_DIGEST, TAG_POINT, TAG_ROW, TAG_SWEEP,  # noqa: F401 (re-exported)
-                             TAG_CASES, TAG_SYNTHETIC, TAG_TRIAL)
+                             TAG_CASES, TAG_SYNTHETIC, TAG_TRIAL, mlflow_key, result_key)
 from orchestrator.redaction import redact  # noqa: F401 (re-exported)
 
 
@@ -330,15 +330,16 @@ class MlflowTrials(Callback):
         return f"#{number} {shown}"
 
     def _last_logged(self, run_id: str, keys) -> tuple[int, set[str]]:
-        """What a run reopened by --resume already holds: its last step and the keys at it."""
+        """What a run reopened by --resume already holds: its last step and the result keys at
+        it (`keys`: its MLflow keys, of either naming, names.result_key)."""
         last, at_last = -1, set()
         for key in keys:
             steps = [m.step for m in self.client.get_metric_history(run_id, key)]
             top = max(steps, default=-1)
             if top > last:
-                last, at_last = top, {key}
+                last, at_last = top, {result_key(key)}
             elif top == last:
-                at_last.add(key)
+                at_last.add(result_key(key))
         return last, at_last
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -369,7 +370,7 @@ class MlflowTrials(Callback):
         else:
             at_last = set()
         if values:
-            self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+            self.client.log_batch(run_id, metrics=[Metric(mlflow_key(k), v, now, step) for k, v in values.items()])
         self.logged[trial.trial_id] = (max(step, last), at_last | set(values))
         digest = result.get("code_digest")
         if isinstance(digest, str) and self.digests.get(trial.trial_id) != digest:

@@ -107,6 +107,22 @@ def test_only_and_skip_select_grid_points(capsys):
     assert plan.at_once == 2 and plan.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
 
 
+def test_a_spaces_own_threads_win_over_the_default_and_the_flag_over_both(tmp_path):
+    """`fixed: {threads: 1}` is the space's choice: the default (cores / trials at once) must
+    not replace it. The thread count changes a CPU run's float sums, so a trial that quietly
+    ran 2 threads differed from the 1-thread run it was compared with (issue 28, item 4)."""
+    from orchestrator.sweep import parser, prepare
+    space = tmp_path / "t.yaml"
+    space.write_text("grid: {labeled: [2], seed: [1]}\nfixed: {threads: 1}\n")
+    plan, _ = prepare(parser().parse_args(["--space", str(space)]))
+    assert plan.threads_per_worker == 1
+    space.write_text("grid: {labeled: [2], seed: [1]}\nphantom_fixed: {threads: 3}\n")
+    plan, _ = prepare(parser().parse_args(["--space", str(space)]))
+    assert plan.threads_per_worker == 3
+    plan, _ = prepare(parser().parse_args(["--space", str(space), "--threads", "2"]))
+    assert plan.threads_per_worker == 2
+
+
 def test_plan_counts_iterations_per_base_and_says_when_concurrency_cannot_apply(capsys, acdc_phantom):
     # acdc_cpu: pretrain 500 + 1000 iterations for bcp; supervised and mt have no pre-training
     assert main(["--space", "ablation", "--data-root", str(acdc_phantom), "--max-concurrent", "2",

@@ -85,12 +85,12 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     parent = parents.iloc[0]
     for point, g in children.groupby("tags.buarl.grid_point"):
         section = point.replace("=", "-")
-        tops = g[g["metrics.best_val_dice"] == g["metrics.best_val_dice"].max()]  # (ties: any of them)
+        tops = g[g["metrics.val/best_dice"] == g["metrics.val/best_dice"].max()]  # (ties: any of them)
         chosen = tops[tops["run_id"] == json.loads(parent[f"tags.buarl.best.{section}"])["run_id"]]
         assert len(chosen) == 1, (tops["run_id"].tolist(), parent[f"tags.buarl.best.{section}"])
-        assert parent[f"metrics.{section}/best_val_dice"] == pytest.approx(chosen.iloc[0]["metrics.best_val_dice"])
-        assert parent[f"metrics.{section}/test_dice"] == pytest.approx(chosen.iloc[0]["metrics.test_dice"])
-    assert parent["metrics.best/best_val_dice"] == pytest.approx(children["metrics.best_val_dice"].max())
+        assert parent[f"metrics.{section}/best_val_dice"] == pytest.approx(chosen.iloc[0]["metrics.val/best_dice"])
+        assert parent[f"metrics.{section}/test_dice"] == pytest.approx(chosen.iloc[0]["metrics.test/dice"])
+    assert parent["metrics.best/best_val_dice"] == pytest.approx(children["metrics.val/best_dice"].max())
     assert (children["tags.buarl.synthetic"] == "true").all() and parent["tags.buarl.data"] == "ACDC phantom"
     # one Optuna study per label ratio: two grid points, two trials each, two Tune experiments
     assert sorted(children["tags.buarl.grid_point"].value_counts().tolist()) == [2, 2]
@@ -125,7 +125,7 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     # every trial's run holds a training curve, one point per log step
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    steps = [m.step for m in client.get_metric_history(children.iloc[0]["run_id"], "train_loss")]
+    steps = [m.step for m in client.get_metric_history(children.iloc[0]["run_id"], "train/loss")]
     assert steps == [8, 12], steps  # self-training's log steps (pre-training's are in its own run)
     assert {p.name for p in (tmp_path / "ray" / "sweep").iterdir() if p.name.startswith("labeled=")} == {
         "labeled=2_seed=1337", "labeled=3_seed=1337"}
@@ -149,15 +149,15 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4, 64, 64)
     # each label ratio pre-trained once (4 iterations), its two trials forked from it: their
     # runs hold self-training (8, 12) and link to the pre-training's run, which holds 4
-    history = client.get_metric_history(run_id, "val_dice")
+    history = client.get_metric_history(run_id, "val/dice")
     assert [m.step for m in history] == [8, 12]
     pre = runs[runs["tags.buarl.role"] == "pretrain"]
     assert len(pre) == 2 and set(pre["status"]) == {"FINISHED"}
     assert set(children["tags.buarl.pretrained_run"]) == set(pre["run_id"])
     for _, g in children.groupby("tags.buarl.grid_point"):
         assert g["tags.buarl.pretrained_run"].nunique() == 1
-    assert [m.step for m in client.get_metric_history(pre.iloc[0]["run_id"], "val_dice")] == [4]
-    assert children["metrics.test_last_dice"].between(0, 1).all()
+    assert [m.step for m in client.get_metric_history(pre.iloc[0]["run_id"], "val/dice")] == [4]
+    assert children["metrics.test/last_dice"].between(0, 1).all()
     assert len(list((tmp_path / "ray" / "pretrain").glob("*/pretrained.pt"))) == 2
 
 
@@ -249,12 +249,12 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
                 runs = _runs(tmp_path, "resume")
             except Exception:
                 continue
-            if "tags.buarl.trial_id" not in runs or "metrics.iteration" not in runs:
+            if "tags.buarl.trial_id" not in runs or "metrics.run/iteration" not in runs:
                 continue
             kids = runs[runs["tags.buarl.role"] == "trial"]
             finished = kids[kids["status"] == "FINISHED"]["tags.buarl.trial_id"].tolist()
-            running = kids[(kids["status"] == "RUNNING") & (kids["metrics.iteration"] >= 8)
-                           & (kids["metrics.iteration"] <= 80)]
+            running = kids[(kids["status"] == "RUNNING") & (kids["metrics.run/iteration"] >= 8)
+                           & (kids["metrics.run/iteration"] <= 80)]
             # (a result reaches MLflow only after its checkpoint is persisted)
             old = running[running["start_time"] < pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=3)]
             if finished and len(old):
@@ -288,12 +288,12 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
     assert (after[after["tags.buarl.role"] == "sweep"]["status"] == "FINISHED").all()
     # Every finished run holds one continuous history: each evaluation once.
     for _, row in kids.iterrows():
-        steps = [m.step for m in client.get_metric_history(row["run_id"], "val_dice")]
+        steps = [m.step for m in client.get_metric_history(row["run_id"], "val/dice")]
         assert steps == list(range(4, 105, 4)), (row["tags.buarl.trial_id"], steps)
     # The cut trial kept its run and was restored from a checkpoint, not restarted...
     row = kids[kids["tags.buarl.trial_id"] == cut].iloc[0]
     assert row["run_id"] == run_of[cut]
-    resumed = [m.value for m in client.get_metric_history(row["run_id"], "resumed_from")]
+    resumed = [m.value for m in client.get_metric_history(row["run_id"], "run/resumed_from")]
     assert max(resumed, default=0) >= 8, resumed
     # ...and ends where the same trial (its sampled thresholds), never killed, ends
     from buarl.config import load_config
@@ -312,8 +312,8 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
                                                 "tau_u": float(row["params.tau_u"])}), bare)
     finally:
         torch.set_num_threads(threads)
-    assert {m.step: m.value for m in client.get_metric_history(row["run_id"], "val_dice")} == bare.val
-    assert row["metrics.test_dice"] == metrics["dice"]
+    assert {m.step: m.value for m in client.get_metric_history(row["run_id"], "val/dice")} == bare.val
+    assert row["metrics.test/dice"] == metrics["dice"]
 
 
 def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
@@ -426,8 +426,8 @@ def test_a_killed_driver_reuses_the_finished_pretraining_and_forks_equal_a_whole
         cfg = validate({k: None if v == "None" else v if k == "data_root" else yaml.safe_load(v)
                         for k, v in params.items()})
         whole = train(cfg)
-        assert row["metrics.test_dice"] == pytest.approx(whole["dice"], abs=1e-12), row["tags.buarl.grid_point"]
-        assert row["metrics.best_val_dice"] == pytest.approx(whole["best_val_dice"], abs=1e-12)
+        assert row["metrics.test/dice"] == pytest.approx(whole["dice"], abs=1e-12), row["tags.buarl.grid_point"]
+        assert row["metrics.val/best_dice"] == pytest.approx(whole["best_val_dice"], abs=1e-12)
 
 
 def test_a_failed_pretraining_fails_its_trials_with_its_reason(tmp_path):

@@ -51,9 +51,9 @@ def test_replayed_finished_trial_keeps_its_recorded_run(sweep):
         second.on_trial_complete(0, [], trial)
     a = client.get_run(run_a).info
     assert (a.status, a.end_time) == ("FINISHED", ended)
-    assert _history(client, run_a, "val_dice") == [(10, 0.4)]
+    assert _history(client, run_a, "val/dice") == [(10, 0.4)]
     assert second.runs["b"] == run_b  # one run per trial, its history continued
-    assert _history(client, run_b, "val_dice") == [(10, 0.2), (20, 0.3)]
+    assert _history(client, run_b, "val/dice") == [(10, 0.2), (20, 0.3)]
     assert client.get_run(run_b).info.status == "FINISHED"
 
 
@@ -71,7 +71,7 @@ def test_errored_trial_reopens_its_run_on_resume(sweep):
     second.on_trial_result(0, [], trial, {"iteration": 5, "val_dice": 0.5})
     second.on_trial_complete(0, [], trial)
     assert client.get_run(run).info.status == "FINISHED"
-    assert _history(client, run, "val_dice") == [(5, 0.5)]
+    assert _history(client, run, "val/dice") == [(5, 0.5)]
 
 
 def test_worker_code_digest_is_tagged_and_a_mismatch_is_reported(sweep, capsys):
@@ -83,7 +83,7 @@ def test_worker_code_digest_is_tagged_and_a_mismatch_is_reported(sweep, capsys):
         driver.on_trial_result(0, [], trial, {"iteration": 1, "val_dice": 0.1, "code_digest": digest})
     assert client.get_run(driver.runs["d"]).data.tags["buarl.code_digest"] == "aaaaaaaaaaaa"
     assert client.get_run(driver.runs["e"]).data.tags["buarl.code_digest"] == "bbbbbbbbbbbb"
-    assert "code_digest" not in client.get_run(driver.runs["d"]).data.metrics
+    assert not {"code_digest", "run/code_digest"} & set(client.get_run(driver.runs["d"]).data.metrics)
     out = capsys.readouterr().out
     assert "trial e runs code bbbbbbbbbbbb, the sweep aaaaaaaaaaaa" in out and "trial d runs code" not in out
 
@@ -129,10 +129,10 @@ def test_a_replayed_evaluation_is_logged_once(sweep):
     driver.on_trial_result(0, [], trial, {"iteration": 16, "val_dice": 0.16, "resumed_from": 8})
     driver.on_trial_result(0, [], trial, {"iteration": 16, "val_dice": 0.16, "test_dice": 0.5, "done": 1})
     run = driver.runs["r"]
-    assert _history(client, run, "val_dice") == [(4, 0.04), (8, 0.08), (12, 0.12), (16, 0.16)]
-    assert _history(client, run, "test_dice") == [(16, 0.5)]
+    assert _history(client, run, "val/dice") == [(4, 0.04), (8, 0.08), (12, 0.12), (16, 0.16)]
+    assert _history(client, run, "test/dice") == [(16, 0.5)]
     # the replay of step 12 added only what step 12 did not hold yet
-    assert _history(client, run, "resumed_from") == [(12, 8), (16, 8)]
+    assert _history(client, run, "run/resumed_from") == [(12, 8), (16, 8)]
 
     mark_orphans(client, exp, parent)  # the driver dies; a new one reopens the run
     second = _driver(client, exp, parent)
@@ -140,8 +140,8 @@ def test_a_replayed_evaluation_is_logged_once(sweep):
     assert second.logged["r"][0] == 16
     second.on_trial_result(0, [], trial, {"iteration": 16, "val_dice": 0.16, "test_dice": 0.5})
     second.on_trial_result(0, [], trial, {"iteration": 20, "val_dice": 0.2})
-    assert _history(client, run, "val_dice") == [(4, 0.04), (8, 0.08), (12, 0.12), (16, 0.16), (20, 0.2)]
-    assert _history(client, run, "test_dice") == [(16, 0.5)]
+    assert _history(client, run, "val/dice") == [(4, 0.04), (8, 0.08), (12, 0.12), (16, 0.16), (20, 0.2)]
+    assert _history(client, run, "test/dice") == [(16, 0.5)]
 
 
 def test_a_log_report_adds_training_curves_only(sweep):
@@ -157,10 +157,10 @@ def test_a_log_report_adds_training_curves_only(sweep):
                                               "train_loss": loss, "train_lr": 0.01, "report": 0})
     driver.on_trial_result(0, [], trial, {"iteration": 8, "val_dice": 0.5, "train_loss": 0.8, "report": 1})
     run = driver.runs["l"]
-    assert _history(client, run, "train_loss") == [(4, 1.0), (6, 0.9), (8, 0.8)]
-    assert _history(client, run, "train_lr") == [(6, 0.01), (8, 0.01)]
-    assert _history(client, run, "val_dice") == [(4, 0.3), (8, 0.5)]
-    assert "report" not in client.get_run(run).data.metrics
+    assert _history(client, run, "train/loss") == [(4, 1.0), (6, 0.9), (8, 0.8)]
+    assert _history(client, run, "train/lr") == [(6, 0.01), (8, 0.01)]
+    assert _history(client, run, "val/dice") == [(4, 0.3), (8, 0.5)]
+    assert not {"report", "run/report"} & set(client.get_run(run).data.metrics)
 
 
 @pytest.mark.parametrize("source", ["train_result", "tune_checkpoint"])
@@ -259,3 +259,57 @@ def test_a_trials_run_name_starts_with_what_tells_it_apart(sweep):
     plain = SimpleNamespace(trial_id="4a7c8_00000", config={}, last_result={}, checkpoint=None)
     driver.on_trial_start(0, [], plain)  # a search-free grid point: one trial, named by its point
     assert client.get_run(driver.runs["4a7c8_00000"]).info.run_name == "labeled=3_seed=11"
+
+
+def test_a_trial_logs_its_charts_in_sections_and_its_bookkeeping_apart(sweep):
+    """MLflow groups charts by the part of a key before "/": train/, val/, test/ sections and
+    the bookkeeping (iteration, evaluations, resumed_from, train_seconds) in run/."""
+    client, exp, parent = sweep
+    driver = _driver(client, exp, parent)
+    trial = _trial("s")
+    driver.on_trial_start(0, [], trial)
+    driver.on_trial_result(0, [], trial, {"iteration": 8, "val_dice": 0.239, "best_val_dice": 0.239,
+                                          "train_loss": 0.7, "evaluations": 2, "resumed_from": 4, "report": 1})
+    driver.on_trial_result(0, [], trial, {"iteration": 8, "test_dice": 0.5, "test_last_dice": 0.4,
+                                          "test_dice_LV": 0.6, "train_seconds": 9.0, "done": 1})
+    assert set(client.get_run(driver.runs["s"]).data.metrics) == {
+        "val/dice", "val/best_dice", "train/loss", "run/evaluations", "run/resumed_from", "run/iteration",
+        "test/dice", "test/last_dice", "test/dice_LV", "run/train_seconds"}
+
+
+def test_a_run_logged_with_flat_keys_resumes_without_logging_again(sweep):
+    """A sweep begun before the sections (flat keys in its runs) and resumed by this code: the
+    reopened run's last step is read under either naming, so its final test metrics are not
+    logged a second time under the new keys."""
+    client, exp, parent = sweep
+    driver = _driver(client, exp, parent)
+    trial = _trial("o")
+    driver.on_trial_start(0, [], trial)
+    run = driver.runs["o"]
+    for step in (4, 8):
+        client.log_metric(run, "val_dice", step / 100, step=step)
+    client.log_metric(run, "test_dice", 0.5, step=8)
+    mark_orphans(client, exp, parent)
+    second = _driver(client, exp, parent)
+    second.on_trial_start(0, [], trial)
+    assert second.logged["o"] == (8, {"val_dice", "test_dice"})
+    second.on_trial_result(0, [], trial, {"iteration": 8, "val_dice": 0.08, "test_dice": 0.5})  # the replay
+    second.on_trial_result(0, [], trial, {"iteration": 12, "val_dice": 0.12})
+    assert _history(client, run, "val/dice") == [(12, 0.12)] and _history(client, run, "test/dice") == []
+
+
+def test_metric_keys_map_to_mlflow_sections_and_back():
+    import pandas as pd
+    from orchestrator.names import flat_metrics, flat_run_metrics, mlflow_key, result_key
+    expected = {"train_loss": "train/loss", "val_dice": "val/dice", "best_val_dice": "val/best_dice",
+                "test_last_hd95": "test/last_hd95", "test_dice_RV": "test/dice_RV", "iteration": "run/iteration",
+                "train_seconds": "run/train_seconds", "pretrain_best_step": "pretrain/best_step"}
+    assert {k: mlflow_key(k) for k in expected} == expected
+    assert {v: result_key(v) for v in expected.values()} == {v: k for k, v in expected.items()}
+    assert result_key("test_dice") == "test_dice"  # a flat key of an older store
+    runs = pd.DataFrame({"metrics.test/dice": [0.5, None], "metrics.test_dice": [0.1, 0.3],
+                         "metrics.val/best_dice": [0.4, None]})
+    flat = flat_metrics(runs)
+    assert sorted(flat.columns) == ["metrics.best_val_dice", "metrics.test_dice"]
+    assert flat["metrics.test_dice"].tolist() == [0.5, 0.3]  # the sectioned value where a run has both
+    assert flat_run_metrics({"val/best_dice": 0.4, "test_dice": 0.2}) == {"best_val_dice": 0.4, "test_dice": 0.2}
