@@ -1,4 +1,4 @@
-"""`buarl phantom | train | evaluate | export | predict`: one run without Ray, and its use.
+"""`buarl phantom | prepare | train | evaluate | export | predict`: one run without Ray, and its use.
 
 User errors (config, data, checkpoint) print one line on stderr and exit with code 2.
 """
@@ -25,12 +25,23 @@ def _phantom(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from buarl.prepare import prepare
+    prepare(Path(args.source), Path(args.out), val=args.val, test=args.test, labeled=args.labeled, dim=args.dim,
+            mr_norm=args.mr_norm, seed=args.seed)
+    return 0
+
+
 def resolve(config: str, sets: list[str], data_root: str | None):
     """The validated config of a run, with the data root made explicit and absolute."""
     from buarl.data import resolve_root
+    from buarl.prepare import settings
     overrides = parse_overrides(sets)
     if data_root is not None:
         overrides["data_root"] = data_root
+    # a prepared root (`buarl prepare`) decides its kind, classes and split; --set still wins
+    given = overrides.get("data_root")
+    overrides = {**(settings(Path(given).expanduser()) if given else {}), **overrides}
     cfg = load_config(config, overrides)
     if cfg.data_root is None:
         root = resolve_root(cfg)
@@ -242,6 +253,28 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--cases", type=_positive, default=8, help="training patients (ACDC) or scans (LA)")
     ph.add_argument("--seed", type=int, default=0)
     ph.set_defaults(fn=_phantom)
+
+    pp = sub.add_parser("prepare", help="your own NIfTI dataset (nnU-Net v2 raw or Decathlon) as a data root",
+                        description="Read an nnU-Net v2 raw dataset (dataset.json, imagesTr/CASE_0000.nii.gz, "
+                                    "labelsTr/CASE.nii.gz) or a Medical Segmentation Decathlon one (dataset.json "
+                                    "'training' list) and write a data root that train, evaluate and sweep take as "
+                                    "--data-root. A case in imagesTr without a label file is an unlabeled case: "
+                                    "semi-supervised bases train on it, its label is never needed. Every file is "
+                                    "read and checked before anything is written.")
+    pp.add_argument("source", help="the dataset folder (holding dataset.json)")
+    pp.add_argument("--out", required=True, help="the data root to write (a new or empty folder)")
+    pp.add_argument("--val", type=_positive, default=1, help="labeled cases held out for validation (default 1)")
+    pp.add_argument("--test", type=_positive, default=1, help="labeled cases held out for testing (default 1)")
+    pp.add_argument("--labeled", type=_positive,
+                    help="labeled training cases to keep labeled; the others train as unlabeled (default: all)")
+    pp.add_argument("--dim", type=int, choices=[2, 3],
+                    help="2: slices (a 2-D UNet), 3: volumes (a 3-D VNet); default: 2 when the spacing is "
+                         "strongly anisotropic (coarsest >= 3x finest, as nnU-Net), else 3")
+    pp.add_argument("--mr-norm", choices=["minmax", "zscore"], default="minmax",
+                    help="per-volume normalisation of non-CT channels (minmax: to [0, 1], as the ACDC files); "
+                         "CT channels: clip to the foreground's 0.5-99.5 percentiles, then z-score")
+    pp.add_argument("--seed", type=int, default=0, help="seed of the val/test/labeled split")
+    pp.set_defaults(fn=_prepare)
 
     tr = sub.add_parser("train", help="one training run (no Ray)")
     tr.add_argument("--config", default="phantom", help=f"shipped name ({', '.join(SHIPPED)}) or YAML path")

@@ -85,6 +85,9 @@ class Method(BaseModel):
 class Protocol(BaseModel):
     """The experiment around the method: data and label ratio, schedule, evaluation, seed."""
     dataset: Literal["acdc", "la"] = "acdc"
+    # a prepared dataset's foreground classes (its dataset.yaml, `buarl prepare`); empty: the
+    # benchmark's own (ACDC: RV, Myo, LV; LA: LA)
+    class_names: list[str] = Field(default_factory=list)
     data_root: Optional[str] = None  # None: a generated phantom in the cache folder
     labeled: int = Field(7, ge=1, description="ACDC: patients; LA: scans")
     val_cases: int = Field(0, ge=0, description="0: all; LA: scans held out of train.list")
@@ -107,6 +110,11 @@ class Protocol(BaseModel):
     la_stride_z: int = Field(4, ge=1)
     la_lcc: bool = False
     seed: int = Field(1337, ge=0)
+
+
+def num_classes_of(dataset: str, class_names: list[str]) -> int:
+    """Classes with the background: a prepared dataset's names, else the benchmark's."""
+    return len(class_names) + 1 if class_names else 4 if dataset == "acdc" else 2
 
 
 class Execution(BaseModel):
@@ -161,7 +169,7 @@ class Config(Execution, Protocol, Method):
 
     @property
     def num_classes(self) -> int:
-        return 4 if self.dataset == "acdc" else 2
+        return num_classes_of(self.dataset, self.class_names)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON values (checkpoints, hashes, MLflow params)."""

@@ -150,7 +150,7 @@ def evaluate(model: nn.Module, cases: list[Case], cfg: Config, device: torch.dev
     metrics took. The surface distances' searches use the process's torch threads: the
     network is idle while they run."""
     policy = policy or cfg.empty_policy
-    names = CLASS_NAMES[cfg.dataset]
+    names = cfg.class_names or CLASS_NAMES[cfg.dataset]
     threads = torch.get_num_threads()
     rows, seconds = [], {"predict": 0.0, "metrics": 0.0}
     with evaluating(model, shape_search=cfg.dataset != "acdc"):

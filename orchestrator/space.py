@@ -260,6 +260,9 @@ def make_plan(space: Space, space_file: Path, data_root: Optional[str], num_samp
               max_concurrent: int, cpus: int) -> Plan:
     phantom = data_root is None
     base = dict(base_values(space.phantom_config if phantom else space.base_config))
+    if not phantom:  # a prepared root (`buarl prepare`) decides its kind, classes and split
+        from buarl.prepare import settings
+        base.update(settings(Path(data_root).expanduser()))
     base.update(space.fixed)
     if phantom:
         base.update(space.phantom_fixed)

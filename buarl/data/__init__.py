@@ -20,9 +20,14 @@ def resolve_root(cfg: Config) -> Path:
 def origin(cfg: Config) -> dict:
     """What a run trained on, for its model card, MLflow run and tables: the dataset's name
     (with "phantom" for buarl's synthetic data), whether it is synthetic, and the root."""
+    from buarl.prepare import read_info
     root = resolve_root(cfg) if cfg.data_root is None else Path(cfg.data_root).expanduser()
     synthetic = cfg.data_root is None or (root / phantom.MARKER).is_file()
-    name = cfg.dataset.upper() + (" phantom" if synthetic else "")
+    try:
+        prepared = read_info(root)
+    except Exception:  # an unreadable dataset.yaml is the loader's error to report
+        prepared = None
+    name = prepared["name"] if prepared else cfg.dataset.upper() + (" phantom" if synthetic else "")
     return {"name": name, "synthetic": synthetic, "root": str(root), "digest": lists_digest(root),
             "train_cases": train_cases(root, cfg.dataset)}
 
@@ -32,6 +37,8 @@ def train_cases(root: Path, dataset: str) -> int | None:
     train.list): what a label ratio is a share of. None where the list cannot be read."""
     from buarl.data.acdc import patient_of
     try:
+        if dataset == "acdc" and (Path(root) / "train.list").is_file() and (Path(root) / "dataset.yaml").is_file():
+            return len((Path(root) / "train.list").read_text().split()) or None  # a prepared root's cases
         if dataset == "acdc":
             names = (Path(root) / "train_slices.list").read_text().split()
             return len({patient_of(n) for n in names}) or None
@@ -57,7 +64,8 @@ def lists_digest(root: Path) -> str | None:
 # Every config field the loaders read: configs that agree on them load equal data, so a sweep
 # loads each distinct setting once and shares it with its trials (tests/test_config_and_data.py
 # records what the loaders read).
-LOADER_FIELDS = ("dataset", "data_root", "labeled", "base", "val_cases", "test_cases", "image_size", "patch_size")
+LOADER_FIELDS = ("dataset", "data_root", "labeled", "base", "val_cases", "test_cases", "image_size", "patch_size",
+                 "class_names")
 
 
 def data_key(cfg: Config) -> tuple:

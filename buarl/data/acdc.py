@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from scipy.ndimage import zoom
 
-from buarl.config import Config
+from buarl.config import Config, num_classes_of
 from buarl.data.augment import augment_batch_2d
-from buarl.data.checks import inside, read_case, read_list, require_root
+from buarl.data.checks import check_prepared, inside, read_case, read_image, read_list, require_root
 from buarl.data.types import Case
 from buarl.errors import DataError
 
@@ -18,7 +18,13 @@ def patient_of(slice_name: str) -> str:
     return slice_name.split("_")[0]
 
 
-def labeled_slice_count(slices: list[str], patients: int, list_file: Path) -> int:
+def case_of(slice_name: str) -> str:
+    """A prepared root's case (`buarl prepare` names slices CASE_slice_K; a case name may
+    hold underscores)."""
+    return slice_name.rsplit("_slice_", 1)[0]
+
+
+def labeled_slice_count(slices: list[str], patients: int, list_file: Path, group=patient_of) -> int:
     """Slices of the first `patients` patients of train_slices.list (3 -> 68 on ACDC).
 
     The reference code hard-codes this map for ACDC; counting it from the list gives the
@@ -26,7 +32,7 @@ def labeled_slice_count(slices: list[str], patients: int, list_file: Path) -> in
     """
     seen: list[str] = []
     for i, name in enumerate(slices):
-        p = patient_of(name)
+        p = group(name)
         if not seen or seen[-1] != p:
             if p in seen:
                 raise DataError(f"{list_file}: slices of {p} are not contiguous")
@@ -51,9 +57,12 @@ class AcdcData:
 
     def __init__(self, root: Path, cfg: Config):
         self.root = root = require_root(root, "ACDC (SSL4MIS)")
+        self.num_classes = num_classes_of(cfg.dataset, cfg.class_names)
         list_file = root / "train_slices.list"
         slices = read_list(list_file)
-        self.n_labeled = labeled_slice_count(slices, cfg.labeled, list_file)
+        prepared = check_prepared(root, cfg)
+        self.n_labeled = labeled_slice_count(slices, cfg.labeled, list_file,
+                                             case_of if prepared else patient_of)
         if cfg.base != "supervised" and self.n_labeled == len(slices):
             raise DataError(f"labeled={cfg.labeled} uses every training slice of {list_file}: "
                             f"base={cfg.base} needs unlabeled slices left")
@@ -61,8 +70,13 @@ class AcdcData:
         # Semi-supervised runs read the unlabeled pool; supervised ones never touch it.
         keep = slices if cfg.base != "supervised" else slices[: self.n_labeled]
         images, labels = [], []
-        for name in keep:
-            image, label = read_case(inside(root, f"data/slices/{name}.h5", list_file), 4, 2)
+        for i, name in enumerate(keep):
+            path = inside(root, f"data/slices/{name}.h5", list_file)
+            if i < self.n_labeled:
+                image, label = read_case(path, self.num_classes, 2)
+            else:  # the unlabeled pool: images only (the loop never reads their labels)
+                image = read_image(path, 2)
+                label = np.zeros(image.shape, np.uint8)
             images.append(to_size(image, self.size))
             labels.append(to_size(label, self.size))
         self.images = torch.from_numpy(np.stack(images))[:, None]
@@ -75,7 +89,7 @@ class AcdcData:
     def _volumes(self, list_file: Path, limit: int) -> list[Case]:
         names = read_list(list_file)
         names = names[:limit] if limit else names
-        return [Case(n, *read_case(inside(self.root, f"data/{n}.h5", list_file), 4, 3)) for n in names]
+        return [Case(n, *read_case(inside(self.root, f"data/{n}.h5", list_file), self.num_classes, 3)) for n in names]
 
     def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The slices `idx`, augmented (SSL4MIS's RandomGenerator), on the host."""

@@ -48,6 +48,27 @@ def inside(root: Path, rel: str, list_file: Path) -> Path:
     return path
 
 
+def read_image(path: Path, ndim: int) -> np.ndarray:
+    """image (float32) of one h5 file, validated; its label, if any, is never read (an
+    unlabeled case's: a prepared root holds none)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing (named by a list file)")
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise DataError(f"{path}: no 'image' dataset (found {sorted(f.keys())})")
+            image = _array(f, "image", path).astype(np.float32)
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    if image.ndim != ndim:
+        raise DataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
+    if image.size == 0:
+        raise DataError(f"{path}: image is empty (shape {image.shape})")
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image contains NaN or inf values")
+    return image
+
+
 def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     """image (float32) and label (uint8) of one h5 file, validated."""
     if not path.is_file():
@@ -77,3 +98,25 @@ def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.n
         raise DataError(f"{path}: label values must be integers in [0, {num_classes - 1}], "
                         f"found range [{lo}, {hi}]")
     return image, label.astype(np.uint8)
+
+
+def check_prepared(root: Path, cfg) -> bool:
+    """Whether `root` is a prepared root (`buarl prepare`), and that the run fits it: its
+    kind, class names, one channel, and no more labeled cases than it holds."""
+    from buarl.prepare import DATASET_FILE, read_info
+    info = read_info(root)
+    if info is None:
+        return False
+    where = root / DATASET_FILE
+    if cfg.dataset != info["dataset"]:
+        raise DataError(f"{where}: a {info['dim']}-D dataset (dataset: {info['dataset']}), but the run has "
+                        f"dataset={cfg.dataset}")
+    if list(cfg.class_names) != list(info["class_names"]):
+        raise DataError(f"{where}: classes {info['class_names']}, but the run has class_names={cfg.class_names}")
+    if len(info["channels"]) != 1:
+        raise DataError(f"{where}: {len(info['channels'])} input channels ({', '.join(info['channels'])}); "
+                        "the networks take one channel so far")
+    if cfg.labeled > int(info["labeled_cases"]):
+        raise DataError(f"{where}: labeled={cfg.labeled}, but the dataset has {info['labeled_cases']} labeled "
+                        "training cases")
+    return True

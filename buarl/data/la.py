@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from buarl.config import Config
+from buarl.config import Config, num_classes_of
 from buarl.data.augment import augment_3d, random_crop_3d
-from buarl.data.checks import inside, read_case, read_list, require_root
+from buarl.data.checks import check_prepared, inside, read_case, read_image, read_list, require_root
 from buarl.data.types import Case
 from buarl.errors import DataError
 
@@ -20,6 +21,8 @@ class LaData:
 
     def __init__(self, root: Path, cfg: Config):
         self.root = root = require_root(root, "LA (UA-MT)")
+        self.num_classes = num_classes_of(cfg.dataset, cfg.class_names)
+        check_prepared(root, cfg)
         train_list = root / "train.list"
         names = read_list(train_list)
         # Validation scans come from the tail of train.list (never labeled in the 5/10/20%
@@ -33,7 +36,9 @@ class LaData:
             raise DataError(f"labeled={cfg.labeled} uses every training scan of {train_list}: "
                             f"base={cfg.base} needs unlabeled scans left")
         keep = train_names if cfg.base != "supervised" else train_names[: cfg.labeled]
-        self.train = [self._case(n, train_list) for n in keep]
+        # the unlabeled pool: images only (the loop never reads their labels)
+        self.train = [self._case(n, train_list) if i < cfg.labeled else self._image(n, train_list)
+                      for i, n in enumerate(keep)]
         self.labeled_idx = list(range(cfg.labeled))
         self.unlabeled_idx = list(range(cfg.labeled, len(keep)))
         self.val = [self._case(n, train_list) for n in names[len(names) - n_val:]] if n_val else []
@@ -43,7 +48,11 @@ class LaData:
         self.patch = list(cfg.patch_size)
 
     def _case(self, name: str, list_file: Path) -> Case:
-        return Case(name, *read_case(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), 2, 3))
+        return Case(name, *read_case(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), self.num_classes, 3))
+
+    def _image(self, name: str, list_file: Path) -> Case:
+        image = read_image(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), 3)
+        return Case(name, image, np.zeros(image.shape, np.uint8))
 
     def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The scans `idx`, each cropped to the patch and augmented, on the host."""

@@ -1,0 +1,232 @@
+"""`buarl prepare`: own NIfTI datasets (nnU-Net v2 raw, Decathlon) as data roots that train."""
+import json
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from buarl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ACDC = ROOT.parent / "shared" / "data" / "ACDC"
+
+
+def _nifti(path: Path, array: np.ndarray, spacing=(1.5, 1.5, 10.0)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
+
+
+def _nnunet(folder: Path, cases: dict, labels: dict, channels=("MRI",), spacing=(1.5, 1.5, 10.0)) -> Path:
+    """An nnU-Net v2 raw dataset: cases {name: (images per channel (X, Y, Z), label or None)}."""
+    for name, (images, label) in cases.items():
+        for c, image in enumerate(images):
+            _nifti(folder / "imagesTr" / f"{name}_{c:04d}.nii.gz", image.astype(np.float32), spacing)
+        if label is not None:
+            _nifti(folder / "labelsTr" / f"{name}.nii.gz", label.astype(np.uint8), spacing)
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": labels,
+        "numTraining": len(cases), "file_ending": ".nii.gz", "name": "Blobs"}))
+    return folder
+
+
+def _blobs(n: int, shape=(48, 48, 6), classes=2, seed=0) -> dict:
+    """Cases with a disc per class on every slice, intensity rising with the class."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    for i in range(n):
+        label = np.zeros(shape, np.uint8)
+        for c in range(1, classes + 1):
+            cx, cy = rng.integers(12, shape[0] - 12, 2)
+            disc = (x - cx) ** 2 + (y - cy) ** 2 < (4 + 2 * c) ** 2
+            label[disc] = c
+        image = label * 0.4 + rng.normal(0, 0.1, shape) + 100.0  # an MR-like offset
+        out[f"case_{i:03d}"] = ([image], label)
+    return out
+
+
+@pytest.mark.skipif(not ACDC.is_dir(), reason="needs ../shared/data/ACDC")
+def test_acdc_as_nnunet_raw_prepares_to_the_same_arrays_and_the_same_run(tmp_path, capsys):
+    """Real ACDC volumes written as nnU-Net v2 raw NIfTI (1.5 mm in-plane, 10 mm slices):
+    the prepared slices and volumes equal the h5 ones (min-max, as the ACDC files), and a
+    run on the prepared root equals a run on the same volumes in the SSL4MIS layout."""
+    names = (ACDC / "val.list").read_text().split()[:6]
+    volumes = {}
+    for n in names:
+        with h5py.File(ACDC / "data" / f"{n}.h5") as f:
+            volumes[n] = (f["image"][()], f["label"][()])  # (D, H, W)
+    cases = {n: ([img.transpose(2, 1, 0)], lab.transpose(2, 1, 0)) for n, (img, lab) in volumes.items()}
+    cases[names[-1]] = (cases[names[-1]][0], None)  # one case without a label file: unlabeled
+    src = _nnunet(tmp_path / "raw", cases, {"background": 0, "RV": 1, "Myo": 2, "LV": 3})
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), "--labeled", "2"]) == 0
+    info = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert info["dim"] == 2 and info["class_names"] == ["RV", "Myo", "LV"] and info["channels"] == ["MRI"]
+    split = info["split"]
+    assert len(split["labeled"]) == 2 and len(split["val"]) == len(split["test"]) == 1
+    assert names[-1] in split["unlabeled"] and len(split["unlabeled"]) == 2  # one demoted, one truly unlabeled
+    for n in split["val"] + split["test"]:
+        with h5py.File(out / "data" / f"{n}.h5") as f:
+            assert np.array_equal(f["image"][()], volumes[n][0]) and np.array_equal(f["label"][()], volumes[n][1])
+    for n in split["labeled"] + split["unlabeled"]:
+        for k in range(volumes[n][0].shape[0]):
+            with h5py.File(out / "data" / "slices" / f"{n}_slice_{k}.h5") as f:
+                assert np.array_equal(f["image"][()], volumes[n][0][k])
+                assert ("label" in f) == (n in split["labeled"])  # unlabeled cases carry no label
+                if n in split["labeled"]:
+                    assert np.array_equal(f["label"][()], volumes[n][1][k])
+
+    # the same volumes and split in the SSL4MIS layout, written from the h5 arrays themselves;
+    # SSL4MIS groups slices by the name's first part (the patient): one per case here
+    mirror = tmp_path / "ssl4mis"
+    (mirror / "data" / "slices").mkdir(parents=True)
+    train = split["labeled"] + split["unlabeled"]
+    slices = []
+    for i, n in enumerate(train):
+        for k in range(volumes[n][0].shape[0]):
+            slices.append(f"m{i}_{n}_slice_{k}")
+            with h5py.File(mirror / "data" / "slices" / f"{slices[-1]}.h5", "w") as f:
+                f["image"], f["label"] = volumes[n][0][k], volumes[n][1][k]
+    for n in split["val"] + split["test"]:
+        with h5py.File(mirror / "data" / f"{n}.h5", "w") as f:
+            f["image"], f["label"] = volumes[n]
+    (mirror / "train_slices.list").write_text("\n".join(slices) + "\n")
+    for lst in ("val.list", "test.list"):
+        (mirror / lst).write_text((out / lst).read_text())
+    sets = ["--set", "labeled=2", "pretrain_iters=2", "iters=4", "eval_every=2", "log_every=2", "threads=1",
+            "val_cases=0", "test_cases=0"]
+    assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "a"), *sets]) == 0
+    assert main(["train", "--data-root", str(mirror), "--out", str(tmp_path / "b"), *sets]) == 0
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("a", "b"))
+    assert a["dice"] == b["dice"] and a["per_class"] == b["per_class"]
+    log_a, log_b = ((tmp_path / r / "train.log").read_text() for r in ("a", "b"))
+    losses = [[ln.split("loss=")[1].split()[0] for ln in log.splitlines() if "loss=" in ln] for log in (log_a, log_b)]
+    assert losses[0] and losses[0] == losses[1]
+
+
+def test_truly_unlabeled_cases_train_with_bcp_under_the_datasets_class_names(tmp_path):
+    """Cases without a label file train as unlabeled (their prepared slices hold no label,
+    so a loader that read one would fail), and the metrics carry the dataset's class names."""
+    cases = _blobs(6)
+    for n in ("case_004", "case_005"):
+        cases[n] = (cases[n][0], None)
+    src = _nnunet(tmp_path / "raw", cases, {"background": 0, "lesion": 1, "organ": 2})
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out)]) == 0
+    info = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert info["dim"] == 2 and info["labeled_cases"] == 2 and {"case_004", "case_005"} <= set(info["split"]["unlabeled"])
+    for name in (out / "train_slices.list").read_text().split():
+        with h5py.File(out / "data" / "slices" / f"{name}.h5") as f:
+            assert ("label" in f) == (name.rsplit("_slice_", 1)[0] in info["split"]["labeled"])
+            assert 0.0 <= f["image"][()].min() and f["image"][()].max() <= 1.0  # min-max per volume
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(out), "--out", str(run), "--set", "base=bcp", "pretrain_iters=2",
+                 "iters=4", "eval_every=2", "log_every=2", "threads=1"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"lesion", "organ"} and 0.0 <= metrics["dice"] <= 1.0
+    assert metrics["data"]["name"] == "Blobs" and metrics["data"]["synthetic"] is False
+    # more labeled patients than the dataset holds: one line, exit 2
+    assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "x"), "--set", "labeled=3"]) == 2
+
+
+def test_an_isotropic_dataset_prepares_as_volumes_and_trains_the_vnet(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in (40, 40, 36)], indexing="ij")
+    cases = {}
+    for i in range(5):
+        c = rng.integers(14, 22, 3)
+        label = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 < 64).astype(np.uint8)
+        cases[f"la_{i:03d}"] = ([label * 1.5 + rng.normal(0, 0.3, label.shape)], label if i < 4 else None)
+    src = _nnunet(tmp_path / "raw", cases, {"background": 0, "atrium": 1}, spacing=(1.0, 1.0, 1.0))
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), "--mr-norm", "zscore"]) == 0
+    info = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert info["dim"] == 3 and info["dataset"] == "la"
+    with h5py.File(out / "2018LA_Seg_Training Set" / info["split"]["val"][0] / "mri_norm2.h5") as f:
+        image = f["image"][()]
+        assert image.shape == (40, 40, 36) and abs(image.mean()) < 1e-4 and abs(image.std() - 1) < 1e-3
+    run = tmp_path / "run"
+    assert main(["train", "--config", "phantom_la", "--data-root", str(out), "--out", str(run),
+                 "--set", "pretrain_iters=2", "iters=2", "eval_every=2", "log_every=2", "threads=1"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"atrium"}
+    # the 2-D config on a 3-D root: one line naming both, exit 2
+    assert main(["train", "--config", "phantom", "--data-root", str(out), "--out", str(tmp_path / "x"),
+                 "--set", "dataset=acdc"]) == 2
+
+
+def _raw_with(tmp_path, change) -> Path:
+    cases = _blobs(4)
+    src = _nnunet(tmp_path / "raw", cases, {"background": 0, "lesion": 1, "organ": 2})
+    change(src)
+    return src
+
+
+def _affine(src):
+    _nifti(src / "labelsTr" / "case_001.nii.gz", _blobs(4)["case_001"][1], spacing=(1.0, 1.5, 10.0))
+
+
+def _shape(src):
+    _nifti(src / "labelsTr" / "case_001.nii.gz", np.zeros((48, 40, 6), np.uint8))
+
+
+def _values(src):
+    _nifti(src / "labelsTr" / "case_001.nii.gz", np.full((48, 48, 6), 7, np.uint8))
+
+
+def _unreadable(src):
+    (src / "imagesTr" / "case_002_0000.nii.gz").write_bytes(b"not a nifti")
+
+
+def _channel(src):
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "T1", "1": "T2"}
+    (src / "dataset.json").write_text(json.dumps(meta))
+
+
+def _empty(src):
+    for f in (src / "imagesTr").iterdir():
+        f.unlink()
+
+
+@pytest.mark.parametrize("change, message, args", [
+    (_affine, "label affine differs", []),
+    (_shape, "label shape (48, 40, 6) != image shape (48, 48, 6)", []),
+    (_values, "label values [7] are not in dataset.json's labels [0, 1, 2]", []),
+    (_unreadable, "case_002_0000.nii.gz: not a readable NIfTI file", []),
+    (_channel, "case case_000 misses channel file(s) case_000_0001.nii.gz", []),
+    (lambda src: None, "4 labeled case(s), but --val 2 + --test 1 + --labeled 2 need 5", ["--val", "2", "--labeled", "2"]),
+    (_empty, "the dataset has no training cases", []),
+])
+def test_bad_datasets_fail_in_one_line_before_anything_is_written(tmp_path, capsys, change, message, args):
+    src = _raw_with(tmp_path, change)
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_decathlon_dataset_with_four_d_images_is_read(tmp_path):
+    """MSD: a `training` list, several modalities in one 4-D image. (Training takes one
+    channel so far: the loader says so.)"""
+    src = tmp_path / "Task01"
+    cases = _blobs(4)
+    entries = []
+    for name, (images, label) in cases.items():
+        _nifti(src / "imagesTr" / f"{name}.nii.gz", np.stack([images[0], images[0] * 2], -1).astype(np.float32))
+        _nifti(src / "labelsTr" / f"{name}.nii.gz", label)
+        entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    (src / "dataset.json").write_text(json.dumps({"name": "Task01", "modality": {"0": "FLAIR", "1": "T1w"},
+                                                  "labels": {"0": "background", "1": "lesion", "2": "organ"},
+                                                  "training": entries}))
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out)]) == 0
+    info = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert info["channels"] == ["FLAIR", "T1w"] and info["class_names"] == ["lesion", "organ"]
+    with h5py.File(out / "data" / f"{info['split']['val'][0]}.h5") as f:
+        assert f["image"].shape == (2, 6, 48, 48)  # (C, D, H, W)
+    assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "run")]) == 2
