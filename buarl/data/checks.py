@@ -1,6 +1,7 @@
 """Integrity checks that run before any training: each names the file and the problem."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -48,18 +49,11 @@ def inside(root: Path, rel: str, list_file: Path) -> Path:
     return path
 
 
-def read_image(path: Path, ndim: int) -> np.ndarray:
-    """image (float32) of one h5 file, validated; its label, if any, is never read (an
-    unlabeled case's: a prepared root holds none)."""
-    if not path.is_file():
-        raise DataError(f"{path}: file is missing (named by a list file)")
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f:
-                raise DataError(f"{path}: no 'image' dataset (found {sorted(f.keys())})")
-            image = _array(f, "image", path).astype(np.float32)
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+def _image(f, path: Path, ndim: int) -> np.ndarray:
+    """The open file's image (float32), validated."""
+    if "image" not in f:
+        raise DataError(f"{path}: no 'image' dataset (found {sorted(f.keys())})")
+    image = _array(f, "image", path).astype(np.float32)
     if image.ndim != ndim:
         raise DataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
     if image.size == 0:
@@ -69,28 +63,34 @@ def read_image(path: Path, ndim: int) -> np.ndarray:
     return image
 
 
-def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    """image (float32) and label (uint8) of one h5 file, validated."""
+@contextmanager
+def _open(path: Path):
+    """The h5 file, open; a missing, unreadable or truncated one is one DataError."""
     if not path.is_file():
         raise DataError(f"{path}: file is missing (named by a list file)")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("image", "label") if k not in f]
-            if missing:
-                raise DataError(f"{path}: no {' or '.join(repr(k) for k in missing)} dataset "
-                                f"(found {sorted(f.keys())})")
-            image = _array(f, "image", path).astype(np.float32)
-            label = _array(f, "label", path)
+            yield f
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    if image.ndim != ndim:
-        raise DataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
+
+
+def read_image(path: Path, ndim: int) -> np.ndarray:
+    """image (float32) of one h5 file, validated; its label, if any, is never read (an
+    unlabeled case's: a prepared root holds none)."""
+    with _open(path) as f:
+        return _image(f, path, ndim)
+
+
+def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """image (float32) and label (uint8) of one h5 file, validated, in one open."""
+    with _open(path) as f:
+        image = _image(f, path, ndim)
+        if "label" not in f:
+            raise DataError(f"{path}: no 'label' dataset (found {sorted(f.keys())})")
+        label = _array(f, "label", path)
     if image.shape != label.shape:
         raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
-    if image.size == 0:
-        raise DataError(f"{path}: image is empty (shape {image.shape})")
-    if not np.isfinite(image).all():
-        raise DataError(f"{path}: image contains NaN or inf values")
     if not np.isfinite(label).all():
         raise DataError(f"{path}: label contains NaN or inf values")
     lo, hi = int(label.min()), int(label.max())
