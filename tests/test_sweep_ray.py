@@ -129,9 +129,9 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert steps == [8, 12], steps  # self-training's log steps (pre-training's are in its own run)
     assert {p.name for p in (tmp_path / "ray" / "sweep").iterdir() if p.name.startswith("labeled=")} == {
         "labeled=2_seed=1337", "labeled=3_seed=1337"}
-    for col in ("test_dice", "test_jaccard", "test_dice_RV", "best_val_dice"):
+    for col in ("test/dice", "test/jaccard", "test/dice_RV", "val/best_dice"):
         assert children[f"metrics.{col}"].between(0, 1).all(), col
-    assert (children["metrics.test_hd95"] >= 0).all()
+    assert (children["metrics.test/hd95"] >= 0).all()
     tau = children[["params.tau_l", "params.tau_u"]].astype(float)
     assert tau.stack().between(0.1, 0.9).all() and tau["params.tau_l"].nunique() == 4, "Optuna must sample"
     assert set(children["params.labeled"]) == {"2", "3"}
