@@ -28,7 +28,7 @@ def _phantom(args) -> int:
 def _prepare(args) -> int:
     from buarl.prepare import prepare
     prepare(Path(args.source), Path(args.out), val=args.val, test=args.test, labeled=args.labeled, dim=args.dim,
-            mr_norm=args.mr_norm, seed=args.seed)
+            mr_norm=args.mr_norm, seed=args.seed, labels=args.labels, channels=args.channels)
     return 0
 
 
@@ -129,7 +129,7 @@ def _evaluate(args) -> int:
     if args.data_root:
         cfg = cfg.model_copy(update={"data_root": str(Path(args.data_root).resolve())})
     device = device_of(cfg)
-    model = build(cfg.dataset, cfg.num_classes)
+    model = build(cfg.dataset, cfg.num_classes, cfg.in_channels)
     load_into(model, obj["weights"], ckpt)
     model = to_device(model, cfg, device, 2 if cfg.dataset == "acdc" else 3)
     data = load_benchmark(cfg)
@@ -183,7 +183,7 @@ def _predict(args) -> int:
 
     from buarl.inference import predict_volume
     from buarl.model_folder import load_model
-    from buarl.volume_io import SUFFIXES, InputError, outputs_for, read_scan, write_prediction
+    from buarl.volume_io import SUFFIXES, InputError, group_inputs, outputs_for, read_scan, write_prediction
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu)")
@@ -197,36 +197,36 @@ def _predict(args) -> int:
     if not inputs:
         raise ConfigError(f"--input {' '.join(args.input)}: no scans found ({', '.join(SUFFIXES)})")
     out = Path(args.out)
+    try:
+        scans = group_inputs(inputs, cfg.in_channels)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     planned: dict[Path, Path] = {}
-    for path in inputs:
-        try:
-            targets = outputs_for(path, out, args.uncertainty)
-        except InputError as e:
-            raise ConfigError(str(e)) from None
-        for target in targets:
+    for scan in scans:
+        for target in outputs_for(scan, out, args.uncertainty):
             if target in planned:
-                raise ConfigError(f"--input: {path} and {planned[target]} would both write {target}")
-            planned[target] = path
+                raise ConfigError(f"--input: {scan.path} and {planned[target]} would both write {target}")
+            planned[target] = scan.path
     existing = [t for t in planned if t.exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"--out {out}: {existing[0]} exists ({len(existing)} of the outputs do); "
                           "pass --overwrite or choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, []
-    bar = tqdm(inputs, unit="scan", disable=None, file=sys.stderr)
-    for path in bar:
-        bar.set_postfix_str(path.name)
+    bar = tqdm(scans, unit="scan", disable=None, file=sys.stderr)
+    for files in bar:
+        bar.set_postfix_str(files.name)
         try:
-            scan = read_scan(path, cfg.dataset)
+            scan = read_scan(files, cfg)
         except InputError as e:
-            skipped.append(path)
+            skipped.append(files.path)
             tqdm.write(f"buarl: skipped {e}", file=sys.stderr)
             continue
         result = predict_volume(model, scan.image, cfg, torch.device(args.device), uncertainty=args.uncertainty)
         labels, entropy = result if args.uncertainty else (result, None)
         write_prediction(scan, labels, entropy, out, cfg.dataset)
         written += 1
-    print(f"segmented {written} of {len(inputs)} scan(s) into {out}"
+    print(f"segmented {written} of {len(scans)} scan(s) into {out}"
           + (f"; skipped {len(skipped)}: {', '.join(str(p) for p in skipped)}" if skipped else ""))
     return 2 if skipped else 0
 
@@ -254,14 +254,21 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, default=0)
     ph.set_defaults(fn=_phantom)
 
-    pp = sub.add_parser("prepare", help="your own NIfTI dataset (nnU-Net v2 raw or Decathlon) as a data root",
+    pp = sub.add_parser("prepare", help="your own NIfTI dataset (nnU-Net v2 raw, Decathlon, or images/ + labels/) "
+                                        "as a data root",
                         description="Read an nnU-Net v2 raw dataset (dataset.json, imagesTr/CASE_0000.nii.gz, "
-                                    "labelsTr/CASE.nii.gz) or a Medical Segmentation Decathlon one (dataset.json "
-                                    "'training' list) and write a data root that train, evaluate and sweep take as "
-                                    "--data-root. A case in imagesTr without a label file is an unlabeled case: "
-                                    "semi-supervised bases train on it, its label is never needed. Every file is "
-                                    "read and checked before anything is written.")
-    pp.add_argument("source", help="the dataset folder (holding dataset.json)")
+                                    "labelsTr/CASE.nii.gz), a Medical Segmentation Decathlon one (dataset.json "
+                                    "'training' list) or a plain folder pair (images/CASE.nii.gz, labels/CASE.nii.gz, "
+                                    "classes named by --labels) and write a data root that train, evaluate, sweep and "
+                                    "predict take as --data-root. A case in imagesTr (images/) without a label file is "
+                                    "an unlabeled case: semi-supervised bases train on it, its label is never needed. "
+                                    "Every file is read and checked before anything is written.")
+    pp.add_argument("source", help="the dataset folder (holding dataset.json, or images/ and labels/)")
+    pp.add_argument("--labels", nargs="+", metavar="NAME=VALUE",
+                    help="images/ + labels/ only: the classes, background included (e.g. background=0 lesion=1)")
+    pp.add_argument("--channels", nargs="+", metavar="NAME",
+                    help="images/ + labels/ only: the channels' names (default: MRI; CT gets CT normalisation); "
+                         "several: images named CASE_0000, CASE_0001, ...")
     pp.add_argument("--out", required=True, help="the data root to write (a new or empty folder)")
     pp.add_argument("--val", type=_positive, default=1, help="labeled cases held out for validation (default 1)")
     pp.add_argument("--test", type=_positive, default=1, help="labeled cases held out for testing (default 1)")

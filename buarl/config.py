@@ -82,12 +82,27 @@ class Method(BaseModel):
     self_train_optimizer: Literal["keep", "reset"] = "keep"
 
 
+class ChannelNorm(BaseModel):
+    """One channel's intensity normalisation (`buarl prepare`): ct clips to the dataset's
+    foreground percentiles and z-scores with its statistics; zscore and minmax are per volume."""
+    model_config = ConfigDict(extra="forbid")
+    scheme: Literal["ct", "zscore", "minmax"]
+    clip: Optional[list[float]] = None
+    mean: Optional[float] = None
+    std: Optional[float] = None
+
+
 class Protocol(BaseModel):
     """The experiment around the method: data and label ratio, schedule, evaluation, seed."""
     dataset: Literal["acdc", "la"] = "acdc"
     # a prepared dataset's foreground classes (its dataset.yaml, `buarl prepare`); empty: the
     # benchmark's own (ACDC: RV, Myo, LV; LA: LA)
     class_names: list[str] = Field(default_factory=list)
+    # input channels (modalities) of a prepared dataset; the benchmarks have one
+    in_channels: int = Field(1, ge=1)
+    # how a prepared dataset's intensities were normalised, per channel (its dataset.yaml):
+    # `predict` applies the same to new scans; empty: the benchmark's own (ACDC min-max, LA z-score)
+    normalisation: list[ChannelNorm] = Field(default_factory=list)
     data_root: Optional[str] = None  # None: a generated phantom in the cache folder
     labeled: int = Field(7, ge=1, description="ACDC: patients; LA: scans")
     val_cases: int = Field(0, ge=0, description="0: all; LA: scans held out of train.list")
@@ -163,6 +178,11 @@ class Config(Execution, Protocol, Method):
         if self.mt_consistency != "pseudo" and self.base != "mt":
             raise ValueError(f"mt_consistency={self.mt_consistency} applies to base=mt only "
                              f"(base={self.base})")
+        if self.normalisation and len(self.normalisation) != self.in_channels:
+            raise ValueError(f"normalisation names {len(self.normalisation)} channel(s), in_channels={self.in_channels}")
+        for i, n in enumerate(self.normalisation):
+            if n.scheme == "ct" and (n.clip is None or len(n.clip) != 2 or n.mean is None or not n.std):
+                raise ValueError(f"normalisation[{i}]: scheme ct needs clip [low, high], mean and std > 0")
         if len(self.patch_size) != 3 or min(self.patch_size) < 16:
             raise ValueError(f"patch_size must be three sizes >= 16, got {self.patch_size}")
         return self

@@ -26,8 +26,9 @@ from buarl.engine import autocast, memory_format
 @torch.no_grad()
 def predict_acdc(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
                  uncertainty: bool = False):
-    """image (D, H, W) -> labels (D, H, W) uint8 [, entropy (D, H, W) float32]."""
-    x = torch.from_numpy(to_size(image, cfg.image_size))[:, None].to(device)
+    """image (D, H, W) or (C, D, H, W) -> labels (D, H, W) uint8 [, entropy (D, H, W) float32]."""
+    volume = image if image.ndim == 4 else image[None]
+    x = torch.from_numpy(to_size(volume, cfg.image_size)).transpose(0, 1).contiguous().to(device)
     x = x.contiguous(memory_format=memory_format(cfg, 2))
     with autocast(cfg, device):
         logits = model(x)
@@ -49,26 +50,29 @@ def _windows(size: int, patch: int, stride: int) -> list[int]:
 @torch.no_grad()
 def predict_la(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
                batch: int = 4, uncertainty: bool = False):
-    """UA-MT sliding window: average softmax over windows, foreground probability > 0.5."""
+    """UA-MT sliding window: average softmax over windows, foreground probability > 0.5;
+    image (X, Y, Z) or (C, X, Y, Z)."""
     patch = cfg.patch_size
-    pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for s, p in zip(image.shape, patch)]
-    padded = np.pad(image, pad)
-    score = np.zeros((2,) + padded.shape, np.float32)
-    count = np.zeros(padded.shape, np.float32)
-    starts = [(x, y, z) for x in _windows(padded.shape[0], patch[0], cfg.la_stride_xy)
-              for y in _windows(padded.shape[1], patch[1], cfg.la_stride_xy)
-              for z in _windows(padded.shape[2], patch[2], cfg.la_stride_z)]
+    volume = image if image.ndim == 4 else image[None]
+    pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for s, p in zip(volume.shape[1:], patch)]
+    padded = np.pad(volume, [(0, 0)] + pad)
+    shape = padded.shape[1:]
+    score = np.zeros((2,) + shape, np.float32)
+    count = np.zeros(shape, np.float32)
+    starts = [(x, y, z) for x in _windows(shape[0], patch[0], cfg.la_stride_xy)
+              for y in _windows(shape[1], patch[1], cfg.la_stride_xy)
+              for z in _windows(shape[2], patch[2], cfg.la_stride_z)]
     for i in range(0, len(starts), batch):
         chunk = starts[i:i + batch]
         sl = [tuple(slice(a, a + p) for a, p in zip(s, patch)) for s in chunk]
-        x = torch.from_numpy(np.stack([padded[s] for s in sl]))[:, None].to(device)
+        x = torch.from_numpy(np.stack([padded[(slice(None),) + s] for s in sl])).to(device)
         x = x.contiguous(memory_format=memory_format(cfg, 3))
         with autocast(cfg, device):
             probs = torch.softmax(model(x).float(), 1).cpu().numpy()
         for s, p in zip(sl, probs):
             score[(slice(None),) + s] += p
             count[s] += 1
-    crop = tuple(slice(a, padded.shape[k] - b) for k, (a, b) in enumerate(pad))
+    crop = tuple(slice(a, shape[k] - b) for k, (a, b) in enumerate(pad))
     mean = score[(slice(None),) + crop] / count[crop]
     pred = (mean[1] > 0.5).astype(np.uint8)
     if cfg.la_lcc:

@@ -115,7 +115,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
         raise ModelFolderError(f"{folder / 'model.pt'}: not readable ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ModelFolderError(f"{folder / 'model.pt'}: not a buarl model (expected format {FORMAT!r})")
-    model = build(cfg.dataset, cfg.num_classes)
+    model = build(cfg.dataset, cfg.num_classes, cfg.in_channels)
     try:
         model.load_state_dict(obj["weights"])
     except RuntimeError as e:

@@ -1,9 +1,11 @@
 """`buarl prepare SOURCE --out ROOT`: a user's NIfTI dataset as a buarl data root.
 
 SOURCE is laid out as nnU-Net v2 raw (`dataset.json` with channel_names, labels and
-file_ending; `imagesTr/CASE_0000.nii.gz`, `labelsTr/CASE.nii.gz`) or as the Medical
+file_ending; `imagesTr/CASE_0000.nii.gz`, `labelsTr/CASE.nii.gz`), as the Medical
 Segmentation Decathlon (`dataset.json` with a `training` list; several modalities as one
-4-D image). A training image without a label file is an unlabeled case.
+4-D image), or as a plain folder pair `images/CASE.nii.gz` + `labels/CASE.nii.gz` whose
+classes `--labels NAME=VALUE ...` names. A training image without a label file is an
+unlabeled case.
 
 The root is written in the layout of the benchmark of its kind, which every command reads:
 2-D (strongly anisotropic spacing, as nnU-Net decides; ACDC's SSL4MIS layout, training
@@ -49,7 +51,8 @@ def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: no dataset.json (expected an nnU-Net v2 raw or a Decathlon dataset)") from None
+        raise DataError(f"{path}: no dataset.json (expected an nnU-Net v2 raw or a Decathlon dataset, or "
+                        "images/ + labels/ with --labels)") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not readable JSON ({e})") from None
 
@@ -70,9 +73,62 @@ def _classes(meta: dict, path: Path) -> dict[int, str]:
     return out
 
 
-def read_source(source: Path) -> Source:
-    """The cases of an nnU-Net v2 raw or Decathlon dataset (files named, not yet read)."""
+ENDINGS = (".nii.gz", ".nii")
+
+
+def parse_labels(pairs: list[str]) -> dict[str, int]:
+    """`--labels background=0 lesion=1` as nnU-Net's {name: value}."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value.strip().isdigit():
+            raise DataError(f"--labels {pair!r}: expected NAME=VALUE with VALUE an integer (e.g. background=0)")
+        out[name] = int(value)
+    return out
+
+
+def read_plain(source: Path, labels: Optional[list[str]], channels: list[str]) -> Source:
+    """`images/` + `labels/`: one NIfTI per case (or CASE_0000, CASE_0001, ... per channel
+    when several channels are named), its label of the same name; classes from --labels."""
+    if not labels:
+        raise DataError(f"{source}: a plain images/ + labels/ folder has no dataset.json: name its classes with "
+                        "--labels NAME=VALUE ... (e.g. --labels background=0 lesion=1)")
+    classes = _classes({"labels": parse_labels(labels)}, Path("--labels"))
+    files = sorted(f for f in (source / "images").iterdir() if f.name.endswith(ENDINGS))
+    cases = []
+    if len(channels) == 1:
+        for f in files:
+            ending = next(e for e in ENDINGS if f.name.endswith(e))
+            name = f.name[: -len(ending)]
+            label = source / "labels" / f.name
+            cases.append(SourceCase(name, [f], label if label.is_file() else None))
+    else:
+        grouped: dict[str, dict[int, Path]] = {}
+        for f in files:
+            ending = next(e for e in ENDINGS if f.name.endswith(e))
+            case, _, channel = f.name[: -len(ending)].rpartition("_")
+            if not case or len(channel) != 4 or not channel.isdigit():
+                raise DataError(f"{f}: with {len(channels)} channels, images are named CASE_XXXX{ending} (XXXX: the channel)")
+            grouped.setdefault(case, {})[int(channel)] = f
+        for case, by_channel in grouped.items():
+            ending = next(e for e in ENDINGS if by_channel[min(by_channel)].name.endswith(e))
+            missing = [f"{case}_{c:04d}{ending}" for c in range(len(channels)) if c not in by_channel]
+            if missing:
+                raise DataError(f"{source / 'images'}: case {case} misses channel file(s) {', '.join(missing)}")
+            label = source / "labels" / f"{case}{ending}"
+            cases.append(SourceCase(case, [by_channel[c] for c in range(len(channels))], label if label.is_file() else None))
+    return Source(source.name, list(channels), classes, cases)
+
+
+def read_source(source: Path, labels: Optional[list[str]] = None, channels: Optional[list[str]] = None) -> Source:
+    """The cases of an nnU-Net v2 raw, Decathlon or plain images/ + labels/ dataset (files
+    named, not yet read)."""
     meta_path = source / "dataset.json"
+    if not meta_path.is_file() and (source / "images").is_dir():
+        return read_plain(source, labels, channels or ["MRI"])
+    if labels or channels:
+        raise DataError(f"--labels / --channels name a plain images/ + labels/ folder's classes and channels; "
+                        f"{source} has {'dataset.json' if meta_path.is_file() else 'no images/ folder'}")
     meta = _json(meta_path)
     classes = _classes(meta, meta_path)
     if "channel_names" in meta:  # nnU-Net v2
@@ -243,12 +299,13 @@ def _h5(path: Path, image: np.ndarray, label: Optional[np.ndarray]) -> None:
 
 
 def prepare(source: Path, out: Path, val: int = 1, test: int = 1, labeled: Optional[int] = None,
-            dim: Optional[int] = None, mr_norm: str = "minmax", seed: int = 0, log=print) -> dict:
+            dim: Optional[int] = None, mr_norm: str = "minmax", seed: int = 0, labels: Optional[list[str]] = None,
+            channels: Optional[list[str]] = None, log=print) -> dict:
     """Read and check every case of `source`, then write the data root `out`; returns its
     dataset.yaml content."""
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out}: folder exists and is not empty; choose a new folder")
-    src = read_source(source)
+    src = read_source(source, labels, channels)
     if not src.cases:
         raise DataError(f"{source}: the dataset has no training cases")
     names = [c.name for c in src.cases]
@@ -327,12 +384,13 @@ def read_info(root: Path) -> Optional[dict]:
 
 
 def settings(root: Path) -> dict:
-    """The config values a prepared root decides: its kind (the network), class names and
-    validation split; {} for a benchmark root."""
+    """The config values a prepared root decides: its kind (the network), input channels,
+    class names and validation split; {} for a benchmark root."""
     info = read_info(root)
     if info is None:
         return {}
-    values = {"dataset": info["dataset"], "class_names": list(info["class_names"]), "test_cases": 0}
+    values = {"dataset": info["dataset"], "class_names": list(info["class_names"]),
+              "in_channels": len(info["channels"]), "normalisation": info["normalisation"], "test_cases": 0}
     # 2-D: every case of val.list; 3-D: the tail of train.list that prepare set apart
     values["val_cases"] = 0 if info["dim"] == 2 else int(info["val_cases"])
     return values

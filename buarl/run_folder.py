@@ -42,7 +42,7 @@ def write_regions(folder: Path, cfg: Config, weights: dict, cases: list) -> None
 
     from buarl.nets import build
     from buarl.visualize import region_grid
-    model = build(cfg.dataset, cfg.num_classes)
+    model = build(cfg.dataset, cfg.num_classes, cfg.in_channels)
     model.load_state_dict(weights)
     region_grid(model, cases, cfg, torch.device("cpu"), Path(folder) / REGIONS)
 

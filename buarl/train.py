@@ -108,7 +108,7 @@ class Loop(Steps):
         self.engine = engine = engine or Engine(cfg, self.data.dim, self.world)
         self.device = engine.device
         seed_everything(cfg.seed)  # every DDP replica starts from the same weights (and teacher)
-        self.core = engine.place(build(cfg.dataset, cfg.num_classes))  # teacher, evaluation, checkpoints
+        self.core = engine.place(build(cfg.dataset, cfg.num_classes, cfg.in_channels))  # teacher, evaluation, checkpoints
         if self.rank:
             seed_everything(cfg.seed + 1000 * self.rank)  # dropout and noise differ per replica
         self.teacher = make_teacher(self.core)

@@ -21,12 +21,14 @@ from buarl.engine import autocast
 
 
 def _views(case: Case, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """The middle slice (ACDC) or the central patch (LA): image (C, ...) and label."""
+    image = case.image if case.image.ndim > case.label.ndim else case.image[None]
     if cfg.dataset == "acdc":
-        z = case.image.shape[0] // 2
-        return to_size(case.image[z], cfg.image_size), to_size(case.label[z], cfg.image_size)
-    starts = [max(0, (s - p) // 2) for s, p in zip(case.image.shape, cfg.patch_size)]
+        z = case.label.shape[0] // 2
+        return to_size(image[:, z], cfg.image_size), to_size(case.label[z], cfg.image_size)
+    starts = [max(0, (s - p) // 2) for s, p in zip(case.label.shape, cfg.patch_size)]
     sl = tuple(slice(a, a + p) for a, p in zip(starts, cfg.patch_size))
-    return case.image[sl], case.label[sl]
+    return image[(slice(None),) + sl], case.label[sl]
 
 
 @torch.no_grad()
@@ -44,12 +46,12 @@ def region_grid(model: nn.Module, cases: list[Case], cfg: Config, device: torch.
     fig, axes = plt.subplots(len(cases), 6, figsize=(12, 2.1 * len(cases)), squeeze=False)
     for r, case in enumerate(cases):
         image, label = _views(case, cfg)
-        x = torch.from_numpy(np.ascontiguousarray(image))[None, None].float().to(device)
+        x = torch.from_numpy(np.ascontiguousarray(image))[None].float().to(device)
         with autocast(cfg, device):
             probs = torch.softmax(model(x).float(), 1)
         u = entropy_map(probs)
         pred = probs.argmax(1)
-        panels = [image, label, pred[0].cpu().numpy(), u[0].cpu().numpy(),
+        panels = [image[0], label, pred[0].cpu().numpy(), u[0].cpu().numpy(),
                   high_region(u, cfg.tau_l, cfg.region_mode)[0].cpu().numpy(),
                   low_region(u, cfg.tau_u, cfg.region_mode)[0].cpu().numpy()]
         if cfg.dataset == "la":

@@ -180,6 +180,13 @@ def missed_share(g: pd.DataFrame) -> float:
 DEGENERATE = 0.5
 
 
+def class_dice_columns(trials: pd.DataFrame) -> dict[str, str]:
+    """{`metrics.test_dice_<class>`: class} for the classes the runs report (the dataset's
+    own names: RV, Myo, LV on ACDC; a prepared dataset's from its dataset.yaml)."""
+    prefix = "metrics.test_dice_"
+    return {c: c[len(prefix):] for c in trials.columns if c.startswith(prefix) and trials[c].notna().any()}
+
+
 def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,
                protocol: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(numbers, display): numbers has mean/std/n per method x labeled x metric. The column
@@ -193,6 +200,8 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,
             values = g[f"metrics.test_{key}"].astype(float) * scale
             # one seed has no spread: no std (NaN, an empty CSV cell), not 0.0
             row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else np.nan
+        for col, cls in class_dice_columns(chosen).items():
+            row[f"dice_{cls}_mean"] = g[col].astype(float).mean() * 100
         row["empty_predictions_mean"] = empty_predictions(g)
         row["missed_share_mean"] = missed_share(g)
         rows.append(row)
@@ -341,6 +350,7 @@ def trial_list(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
             "seed": "seed", **{f"params.{p}": p for p in SEARCHABLE + READINGS},
             "metrics.best_val_dice": "best_val_dice", "metrics.best_step": "best_step",
             **{f"metrics.test_{k}": f"test_{k}" for k, *_ in METRICS},
+            **{col: f"test_dice_{cls}" for col, cls in class_dice_columns(trials).items()},
             "metrics.test_empty_predictions": "empty_predictions", "metrics.test_structures": "structures",
             "metrics.test_last_dice": "test_last_dice", **DOSE,
             "metrics.train_seconds": "train_seconds", "tags.buarl.code_digest": "code_digest",

@@ -176,7 +176,7 @@ def export_pytorch_model(client, run_id: str, obj: dict, source: Path) -> None:
     from buarl.nets import build
     try:
         cfg = config_of(obj, source)
-        model = build(cfg.dataset, cfg.num_classes)
+        model = build(cfg.dataset, cfg.num_classes, cfg.in_channels)
         model.load_state_dict(obj["weights"])
         size = [cfg.image_size] * 2 if cfg.dataset == "acdc" else cfg.patch_size
         with tempfile.TemporaryDirectory() as tmp:

@@ -119,7 +119,7 @@ def test_data_key_covers_every_field_the_loaders_read(config, acdc_phantom, la_p
     for field, value in [("labeled", cfg.labeled + 1), ("val_cases", cfg.val_cases + 1),
                          ("test_cases", cfg.test_cases + 1), ("image_size", cfg.image_size // 2),
                          ("patch_size", [s // 2 for s in cfg.patch_size]), ("base", "supervised"), ("data_root", "/elsewhere"),
-                         ("class_names", ["a", "b"])]:
+                         ("class_names", ["a", "b"]), ("in_channels", 2)]:
         assert data_key(cfg.model_copy(update={field: value})) != data_key(cfg), field
     for field, value in [("seed", cfg.seed + 1), ("tau_l", 0.2), ("base", "mt" if cfg.base != "mt" else "bcp")]:
         assert data_key(cfg.model_copy(update={field: value})) == data_key(cfg), field

@@ -40,23 +40,30 @@ def acdc_model(acdc_phantom, tmp_path):
 def test_nifti_prediction_equals_the_evaluation_protocol_voxel_for_voxel(acdc_phantom, acdc_model, tmp_path):
     folder, cfg = acdc_model
     case = load_benchmark(cfg).test[0]
-    # ACDC's own NIfTI stores (x, y, z): the benchmark volume (z, x, y) with z last
-    nib.save(nib.Nifti1Image(np.moveaxis(case.image, 0, -1), AFFINE), str(tmp_path / "scan.nii.gz"))
+    # ACDC's own NIfTI stores (x, y, z); SSL4MIS made the h5 volumes with SimpleITK, whose
+    # arrays are (z, y, x): the NIfTI holds the benchmark volume's axes reversed
+    nib.save(nib.Nifti1Image(case.image.transpose(2, 1, 0), AFFINE), str(tmp_path / "scan.nii.gz"))
     assert main(["predict", "--model", str(folder), "--input", str(tmp_path / "scan.nii.gz"),
                  "--out", str(tmp_path / "pred"), "--uncertainty"]) == 0
     out = nib.load(str(tmp_path / "pred" / "scan.nii.gz"))
     model, _ = load_model(folder)
     expected = predict(model, case, cfg, torch.device("cpu"))
     labels = np.asarray(out.dataobj)
-    assert labels.dtype == np.uint8 and labels.shape == np.moveaxis(case.image, 0, -1).shape
-    assert np.array_equal(np.moveaxis(labels, -1, 0), expected)
+    assert labels.dtype == np.uint8 and labels.shape == case.image.transpose(2, 1, 0).shape
+    assert np.array_equal(labels.transpose(2, 1, 0), expected)
     assert len(np.unique(expected)) > 1, "the test needs a prediction that is not all one class"
+    # the model saw the benchmark volume itself, in its axis order (the case is not square in-plane)
+    from buarl.volume_io import read_scan
+    assert case.image.shape[1] != case.image.shape[2]
+    seen = read_scan(tmp_path / "scan.nii.gz", cfg).image
+    lo, hi = case.image.min(), case.image.max()
+    assert seen.shape == case.image.shape and np.allclose(seen, (case.image - lo) / (hi - lo), atol=1e-6)
     assert np.allclose(out.affine, AFFINE)
     u = np.asarray(nib.load(str(tmp_path / "pred" / "scan_uncertainty.nii.gz")).dataobj)
     assert u.shape == labels.shape and u.dtype == np.float32 and 0 <= u.min() and u.max() <= 1
 
     # a 4-D file of one frame, (x, y, z, 1), is that volume: the same labels, in its own shape
-    nib.save(nib.Nifti1Image(np.moveaxis(case.image, 0, -1)[..., None], AFFINE), str(tmp_path / "frame.nii.gz"))
+    nib.save(nib.Nifti1Image(case.image.transpose(2, 1, 0)[..., None], AFFINE), str(tmp_path / "frame.nii.gz"))
     assert main(["predict", "--model", str(folder), "--input", str(tmp_path / "frame.nii.gz"),
                  "--out", str(tmp_path / "pred")]) == 0
     one = np.asarray(nib.load(str(tmp_path / "pred" / "frame.nii.gz")).dataobj)
@@ -94,7 +101,7 @@ def test_bad_inputs_one_line_exit_2_and_the_rest_written(acdc_phantom, acdc_mode
     folder, cfg = acdc_model
     case = load_benchmark(cfg).test[0]
     good = tmp_path / "good.nii.gz"
-    nib.save(nib.Nifti1Image(np.moveaxis(case.image, 0, -1), AFFINE), str(good))
+    nib.save(nib.Nifti1Image(case.image.transpose(2, 1, 0), AFFINE), str(good))
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(good.read_bytes()[:200])
     capsys.readouterr()
@@ -190,7 +197,7 @@ def test_a_phantom_model_says_so_in_its_card_and_at_every_predict(acdc_phantom, 
     card = (folder / "README.md").read_text()
     assert card.startswith("# buarl model: ACDC phantom,") and "**Synthetic data.**" in card
     case = load_benchmark(cfg).test[0]
-    nib.save(nib.Nifti1Image(np.moveaxis(case.image, 0, -1), AFFINE), str(tmp_path / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(case.image.transpose(2, 1, 0), AFFINE), str(tmp_path / "scan.nii.gz"))
     for out in ("p1", "p2"):
         capsys.readouterr()
         assert main(["predict", "--model", str(folder), "--input", str(tmp_path / "scan.nii.gz"),

@@ -6,6 +6,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from buarl.cli import main
@@ -210,23 +211,158 @@ def test_bad_datasets_fail_in_one_line_before_anything_is_written(tmp_path, caps
     assert not out.exists()
 
 
-def test_a_decathlon_dataset_with_four_d_images_is_read(tmp_path):
-    """MSD: a `training` list, several modalities in one 4-D image. (Training takes one
-    channel so far: the loader says so.)"""
+def test_a_decathlon_dataset_with_four_d_images_trains_on_both_channels(tmp_path):
+    """MSD: a `training` list, several modalities in one 4-D image: the root keeps the
+    channels apart (C first), the loader hands both to the network, and a 2-channel UNet
+    trains on them."""
     src = tmp_path / "Task01"
-    cases = _blobs(4)
+    cases = _blobs(5)
     entries = []
     for name, (images, label) in cases.items():
-        _nifti(src / "imagesTr" / f"{name}.nii.gz", np.stack([images[0], images[0] * 2], -1).astype(np.float32))
+        _nifti(src / "imagesTr" / f"{name}.nii.gz", np.stack([images[0], -images[0] ** 2], -1).astype(np.float32))
         _nifti(src / "labelsTr" / f"{name}.nii.gz", label)
         entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
     (src / "dataset.json").write_text(json.dumps({"name": "Task01", "modality": {"0": "FLAIR", "1": "T1w"},
                                                   "labels": {"0": "background", "1": "lesion", "2": "organ"},
                                                   "training": entries}))
     out = tmp_path / "prepared"
-    assert main(["prepare", str(src), "--out", str(out)]) == 0
+    assert main(["prepare", str(src), "--out", str(out), "--labeled", "1"]) == 0
     info = yaml.safe_load((out / "dataset.yaml").read_text())
     assert info["channels"] == ["FLAIR", "T1w"] and info["class_names"] == ["lesion", "organ"]
     with h5py.File(out / "data" / f"{info['split']['val'][0]}.h5") as f:
         assert f["image"].shape == (2, 6, 48, 48)  # (C, D, H, W)
-    assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "run")]) == 2
+    from buarl.cli import resolve
+    from buarl.data import load_benchmark
+    cfg = resolve("phantom", ["image_size=48", "labeled=1"], str(out))
+    assert cfg.in_channels == 2
+    data = load_benchmark(cfg)
+    first = info["split"]["labeled"][0]
+    with h5py.File(out / "data" / "slices" / f"{first}_slice_0.h5") as f:
+        stored = f["image"][()]
+    assert data.images.shape[1] == 2 and torch.equal(data.images[0], torch.from_numpy(stored))
+    assert not torch.equal(data.images[:, 0], data.images[:, 1])  # two channels, not one twice
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(out), "--out", str(run), "--set", "pretrain_iters=2", "iters=2",
+                 "eval_every=2", "log_every=2", "threads=1", "image_size=48", "labeled=1"]) == 0
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert best["config"]["in_channels"] == 2
+    assert next(v for v in best["weights"].values() if v.dim() == 4).shape[1] == 2  # the first conv: 2 channels
+    assert set(json.loads((run / "metrics.json").read_text())["per_class"]) == {"lesion", "organ"}
+    # a run that says one channel on this root: one line naming both, exit 2
+    assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "x"), "--set", "in_channels=1", "labeled=1"]) == 2
+
+
+def test_predict_with_a_prepared_model_groups_channel_files_and_prepares_them_as_training_did(tmp_path, capsys):
+    """A model of a prepared CT + MR dataset (slices along x, the coarsest spacing): `predict`
+    on an nnU-Net imagesTs folder groups CASE_0000 / CASE_0001 into one case, normalises each
+    channel as `buarl prepare` did (CT with the dataset's statistics) and slices along the same
+    axis, so its labels equal the evaluation protocol's on the prepared volume; the label map is
+    CASE.nii.gz in the scan's own geometry."""
+    spacing = (10.0, 1.5, 1.5)
+    rng = np.random.default_rng(3)
+    cases = {}
+    for i, (name, (_, disc)) in enumerate(_blobs(5, shape=(48, 48, 1)).items()):
+        label = np.stack([disc[..., 0]] * 6)  # (x, y, z): discs in the y-z plane, x the slices
+        ct = label * 300.0 - 1000.0 + rng.normal(0, 20, label.shape)  # HU-like
+        mr = label * 0.4 + rng.normal(0, 0.1, label.shape) + 100.0
+        cases[name] = ([ct, mr], label)
+    src = _nnunet(tmp_path / "raw", cases, {"background": 0, "lesion": 1, "organ": 2}, channels=("CT", "T2"),
+                  spacing=spacing)
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), "--labeled", "1"]) == 0
+    info = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert info["dim"] == 2 and [n["scheme"] for n in info["normalisation"]] == ["ct", "minmax"]
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(out), "--out", str(run), "--set", "pretrain_iters=2", "iters=2",
+                 "eval_every=2", "log_every=2", "threads=1", "image_size=48", "labeled=1"]) == 0
+    model_dir = tmp_path / "model"
+    assert main(["export", "--run", str(run), "--out", str(model_dir)]) == 0
+
+    test_case = info["split"]["test"][0]
+    ts = tmp_path / "imagesTs"
+    ts.mkdir()
+    for c in range(2):
+        (ts / f"{test_case}_{c:04d}.nii.gz").write_bytes((src / "imagesTr" / f"{test_case}_{c:04d}.nii.gz").read_bytes())
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), "--input", str(ts), "--out", str(tmp_path / "pred")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{test_case}.nii.gz"]
+    written = nib.load(str(tmp_path / "pred" / f"{test_case}.nii.gz"))
+    raw = nib.load(str(src / "imagesTr" / f"{test_case}_0000.nii.gz"))
+    assert written.shape == raw.shape and np.allclose(written.affine, raw.affine)
+
+    import torch as th
+    from buarl.inference import predict_volume
+    from buarl.model_folder import load_model
+    from buarl.prepare import to_slices_first
+    model, cfg = load_model(model_dir)
+    assert cfg.in_channels == 2 and cfg.normalisation[0].scheme == "ct"
+    with h5py.File(out / "data" / f"{test_case}.h5") as f:
+        prepared = f["image"][()]  # (C, D, H, W), normalised by prepare
+    expected = predict_volume(model, prepared, cfg, th.device("cpu"))
+    assert np.array_equal(to_slices_first(np.asarray(written.dataobj), 0), expected)
+    assert len(np.unique(expected)) > 1, "the test needs a prediction that is not all one class"
+
+    # a case that lacks a channel: one line naming the missing file, exit 2, nothing written
+    (ts / f"{test_case}_0001.nii.gz").unlink()
+    assert main(["predict", "--model", str(model_dir), "--input", str(ts), "--out", str(tmp_path / "p2")]) == 2
+    assert f"{test_case}_0001.nii.gz" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+
+
+def test_a_three_d_two_channel_decathlon_model_trains_and_predicts_its_four_d_scans(tmp_path):
+    """3-D with two modalities: the VNet takes both, and `predict` on a Decathlon 4-D scan
+    (channels last) equals the evaluation protocol on the prepared volume (C, X, Y, Z)."""
+    rng = np.random.default_rng(2)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in (40, 40, 36)], indexing="ij")
+    src = tmp_path / "Task02"
+    entries = []
+    for i in range(5):
+        c = rng.integers(14, 22, 3)
+        label = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 < 64).astype(np.uint8)
+        image = np.stack([label * 1.5 + rng.normal(0, 0.3, label.shape), rng.normal(5, 2, label.shape)], -1)
+        _nifti(src / "imagesTr" / f"s{i}.nii.gz", image.astype(np.float32), (1.0, 1.0, 1.0))
+        _nifti(src / "labelsTr" / f"s{i}.nii.gz", label, (1.0, 1.0, 1.0))
+        entries.append({"image": f"./imagesTr/s{i}.nii.gz", "label": f"./labelsTr/s{i}.nii.gz"})
+    (src / "dataset.json").write_text(json.dumps({"name": "Two", "modality": {"0": "T1", "1": "T2"},
+                                                  "labels": {"0": "background", "1": "atrium"}, "training": entries}))
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), "--labeled", "1", "--mr-norm", "zscore"]) == 0
+    info = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert info["dim"] == 3
+    run = tmp_path / "run"
+    assert main(["train", "--config", "phantom_la", "--data-root", str(out), "--out", str(run), "--set", "labeled=1",
+                 "pretrain_iters=2", "iters=2", "eval_every=2", "log_every=2", "threads=1"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "model")]) == 0
+    test_case = info["split"]["test"][0]
+    assert main(["predict", "--model", str(tmp_path / "model"), "--input", str(src / "imagesTr" / f"{test_case}.nii.gz"),
+                 "--out", str(tmp_path / "pred")]) == 0
+    written = np.asarray(nib.load(str(tmp_path / "pred" / f"{test_case}.nii.gz")).dataobj)
+    from buarl.inference import predict_volume
+    from buarl.model_folder import load_model
+    model, cfg = load_model(tmp_path / "model")
+    with h5py.File(out / "2018LA_Seg_Training Set" / test_case / "mri_norm2.h5") as f:
+        prepared = f["image"][()]
+    assert prepared.shape == (2, 40, 40, 36) and cfg.in_channels == 2
+    assert written.shape == (40, 40, 36)
+    assert np.array_equal(written, predict_volume(model, prepared, cfg, torch.device("cpu")))
+
+
+def test_a_plain_images_and_labels_folder_prepares_with_its_named_classes(tmp_path, capsys):
+    """images/ + labels/ without dataset.json: --labels names the classes; an image without a
+    label is unlabeled; without --labels, one line says what to add."""
+    src = tmp_path / "plain"
+    for name, (images, label) in _blobs(5).items():
+        _nifti(src / "images" / f"{name}.nii.gz", images[0].astype(np.float32))
+        if name != "case_004":
+            _nifti(src / "labels" / f"{name}.nii.gz", label)
+    assert main(["prepare", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert "--labels NAME=VALUE" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["prepare", str(src), "--out", str(tmp_path / "x"), "--labels", "background=0", "lesion"]) == 2
+    assert "'lesion'" in capsys.readouterr().err
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), "--labels", "background=0", "lesion=1", "organ=2",
+                 "--labeled", "1"]) == 0
+    info = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert info["class_names"] == ["lesion", "organ"] and info["channels"] == ["MRI"]
+    assert "case_004" in info["split"]["unlabeled"] and info["labeled_cases"] == 1
+    assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "run"), "--set", "pretrain_iters=2",
+                 "iters=2", "eval_every=2", "log_every=2", "threads=1", "labeled=1", "image_size=48"]) == 0

@@ -40,7 +40,9 @@ def store(tmp_path, request):
             client.log_param(run, k, v)
         for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
                      "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed,
-                     "train_frac_high": tau / 10}.items():
+                     "train_frac_high": tau / 10,
+                     # per-class Dice under a dataset's own class names (a prepared dataset's)
+                     "test_dice_lesion": dice * 0.9, "test_dice_organ": dice * 1.1}.items():
             # seed 2's runs under MLflow's sectioned keys (val/best_dice), seed 1's under the flat
             # ones of stores written before them: the tables read both, in one experiment
             client.log_metric(run, mlflow_key(k) if seed == 2 else k, v)
@@ -76,6 +78,7 @@ def test_tables_trace_back_to_runs(store, tmp_path):
         assert nums.loc[method, "dice_mean"] == pytest.approx(np.mean(values))
         assert nums.loc[method, "dice_std"] == pytest.approx(np.std(values, ddof=1))
         assert nums.loc[method, "n_seeds"] == 2  # duplicate, KILLED and val-losing runs not counted
+        assert nums.loc[method, "dice_lesion_mean"] == pytest.approx(np.mean(values) * 0.9)
     md = (out / "comparison.md").read_text()
     best = max(METHODS, key=lambda m: nums.loc[m, "dice_mean"])
     bold_dice = f"**{nums.loc[best, 'dice_mean']:.2f} ± {nums.loc[best, 'dice_std']:.2f}**"
@@ -103,6 +106,8 @@ def test_tables_trace_back_to_runs(store, tmp_path):
     assert not listed.loc[listed["in_tables"], "run_id"].duplicated().any()
     assert set(listed.loc[listed["method"] == "BCP", "code_digest"]) == {"digest-BCP-1", "digest-BCP-2"}
     assert sorted(listed["frac_high"].unique()) == pytest.approx([0.05, 0.09])  # tau 0.5 and 0.9 trials
+    assert list(listed["test_dice_organ"]) == pytest.approx(list(listed["test_dice"] * 1.1))
+    assert "test_dice_RV" not in listed
 
 
 def test_mostly_empty_row_never_wins_a_distance_column(store, tmp_path):

@@ -65,7 +65,7 @@ def lists_digest(root: Path) -> str | None:
 # loads each distinct setting once and shares it with its trials (tests/test_config_and_data.py
 # records what the loaders read).
 LOADER_FIELDS = ("dataset", "data_root", "labeled", "base", "val_cases", "test_cases", "image_size", "patch_size",
-                 "class_names")
+                 "class_names", "in_channels")
 
 
 def data_key(cfg: Config) -> tuple:

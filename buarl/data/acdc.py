@@ -69,17 +69,19 @@ class AcdcData:
         self.size = cfg.image_size
         # Semi-supervised runs read the unlabeled pool; supervised ones never touch it.
         keep = slices if cfg.base != "supervised" else slices[: self.n_labeled]
+        self.channels = cfg.in_channels
         images, labels = [], []
         for i, name in enumerate(keep):
             path = inside(root, f"data/slices/{name}.h5", list_file)
             if i < self.n_labeled:
-                image, label = read_case(path, self.num_classes, 2)
+                image, label = read_case(path, self.num_classes, 2, self.channels)
             else:  # the unlabeled pool: images only (the loop never reads their labels)
-                image = read_image(path, 2)
-                label = np.zeros(image.shape, np.uint8)
+                image = read_image(path, 2, self.channels)
+                label = np.zeros(image.shape[-2:], np.uint8)
             images.append(to_size(image, self.size))
             labels.append(to_size(label, self.size))
-        self.images = torch.from_numpy(np.stack(images))[:, None]
+        self.images = torch.from_numpy(np.stack(images))
+        self.images = self.images[:, None] if self.channels == 1 else self.images  # (N, C, H, W)
         self.labels = torch.from_numpy(np.stack(labels))
         self.labeled_idx = list(range(self.n_labeled))
         self.unlabeled_idx = list(range(self.n_labeled, len(keep)))
@@ -89,7 +91,8 @@ class AcdcData:
     def _volumes(self, list_file: Path, limit: int) -> list[Case]:
         names = read_list(list_file)
         names = names[:limit] if limit else names
-        return [Case(n, *read_case(inside(self.root, f"data/{n}.h5", list_file), self.num_classes, 3)) for n in names]
+        return [Case(n, *read_case(inside(self.root, f"data/{n}.h5", list_file), self.num_classes, 3, self.channels))
+                for n in names]
 
     def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The slices `idx`, augmented (SSL4MIS's RandomGenerator), on the host."""

@@ -24,11 +24,12 @@ def rotation_theta(degrees: float) -> torch.Tensor:
 
 
 def _rotate(image: torch.Tensor, label: torch.Tensor, degrees: float):
+    c = image.shape[0]
     theta = rotation_theta(degrees)
-    stacked = torch.cat([image, label[None].float()], 0)[None]  # (1, 2, H, W)
+    stacked = torch.cat([image, label[None].float()], 0)[None]  # (1, C + 1, H, W)
     grid = F.affine_grid(theta[None], list(stacked.shape), align_corners=False)
     out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-    return out[:1], out[1].round().long()
+    return out[:c], out[c].round().long()
 
 
 def draw_2d(gen: torch.Generator) -> tuple[str, int, int, float]:
@@ -45,7 +46,7 @@ def draw_2d(gen: torch.Generator) -> tuple[str, int, int, float]:
 
 
 def augment_2d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
-    """image (1, H, W), label (H, W) -> augmented pair of the same shapes."""
+    """image (C, H, W), label (H, W) -> augmented pair of the same shapes."""
     kind, k, axis, degrees = draw_2d(gen)
     if kind == "rot90":
         image, label = torch.rot90(image, k, (1, 2)), torch.rot90(label, k, (0, 1))
@@ -56,16 +57,17 @@ def augment_2d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
 
 
 def affine_sample(images: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor):
-    """images (B, 1, H, W) and labels (B, H, W) through one affine_grid + grid_sample
+    """images (B, C, H, W) and labels (B, H, W) through one affine_grid + grid_sample
     (nearest) with each sample's theta (B, 2, 3), on the images' device."""
+    c = images.shape[1]
     stacked = torch.cat([images, labels[:, None].to(images.dtype)], 1)
     grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
     out = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out[:, :1].contiguous(), out[:, 1].round().to(labels.dtype)
+    return out[:, :c].contiguous(), out[:, c].round().to(labels.dtype)
 
 
 def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
-    """images (B, 1, H, W), labels (B, H, W): the draws of `augment_2d` sample by sample,
+    """images (B, C, H, W), labels (B, H, W): the draws of `augment_2d` sample by sample,
     applied in a few batched ops: one rot90 + flip per (k, axis) group and one grid_sample for
     the rotated samples (equal to `augment_2d` per sample; a device uses the one-pass twin in
     fast/augment.py)."""
@@ -89,18 +91,20 @@ def augment_batch_2d(images: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
 
 
 def random_crop_3d(image: np.ndarray, label: np.ndarray, patch: list[int], gen: torch.Generator):
-    """Crop (and zero-pad where the scan is smaller) to the patch, as UA-MT's RandomCrop."""
+    """Crop (and zero-pad where the scan is smaller) to the patch, as UA-MT's RandomCrop;
+    image (X, Y, Z) or (C, X, Y, Z), label (X, Y, Z)."""
     pad = [(max(0, p - s) // 2 + 1, max(0, p - s) // 2 + 1) if s <= p else (0, 0)
-           for s, p in zip(image.shape, patch)]
+           for s, p in zip(label.shape, patch)]
+    channel = [(0, 0)] * (image.ndim - 3)
     if any(sum(p) for p in pad):
-        image, label = np.pad(image, pad), np.pad(label, pad)
-    starts = [int(torch.randint(0, s - p + 1, (), generator=gen)) for s, p in zip(image.shape, patch)]
+        image, label = np.pad(image, channel + pad), np.pad(label, pad)
+    starts = [int(torch.randint(0, s - p + 1, (), generator=gen)) for s, p in zip(label.shape, patch)]
     sl = tuple(slice(a, a + p) for a, p in zip(starts, patch))
-    return image[sl], label[sl]
+    return image[(...,) + sl], label[sl]
 
 
 def augment_3d(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):
-    """image (1, X, Y, Z), label (X, Y, Z): rot90 in the axial plane and a random flip."""
+    """image (C, X, Y, Z), label (X, Y, Z): rot90 in the axial plane and a random flip."""
     if image.shape[1] == image.shape[2]:
         k = int(torch.randint(0, 4, (), generator=gen))
         image, label = torch.rot90(image, k, (1, 2)), torch.rot90(label, k, (0, 1))

@@ -49,12 +49,16 @@ def inside(root: Path, rel: str, list_file: Path) -> Path:
     return path
 
 
-def _image(f, path: Path, ndim: int) -> np.ndarray:
-    """The open file's image (float32), validated."""
+def _image(f, path: Path, ndim: int, channels: int) -> np.ndarray:
+    """The open file's image (float32), validated: `ndim` spatial axes, behind a channel axis
+    of `channels` when there are several (one channel: no channel axis, as the benchmarks)."""
     if "image" not in f:
         raise DataError(f"{path}: no 'image' dataset (found {sorted(f.keys())})")
     image = _array(f, "image", path).astype(np.float32)
-    if image.ndim != ndim:
+    if channels > 1 and (image.ndim != ndim + 1 or image.shape[0] != channels):
+        raise DataError(f"{path}: image shape {image.shape}, expected {channels} channels first and "
+                        f"{ndim} spatial axes")
+    if image.ndim != ndim + (channels > 1):
         raise DataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
     if image.size == 0:
         raise DataError(f"{path}: image is empty (shape {image.shape})")
@@ -75,21 +79,21 @@ def _open(path: Path):
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
 
 
-def read_image(path: Path, ndim: int) -> np.ndarray:
+def read_image(path: Path, ndim: int, channels: int = 1) -> np.ndarray:
     """image (float32) of one h5 file, validated; its label, if any, is never read (an
     unlabeled case's: a prepared root holds none)."""
     with _open(path) as f:
-        return _image(f, path, ndim)
+        return _image(f, path, ndim, channels)
 
 
-def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+def read_case(path: Path, num_classes: int, ndim: int, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """image (float32) and label (uint8) of one h5 file, validated, in one open."""
     with _open(path) as f:
-        image = _image(f, path, ndim)
+        image = _image(f, path, ndim, channels)
         if "label" not in f:
             raise DataError(f"{path}: no 'label' dataset (found {sorted(f.keys())})")
         label = _array(f, "label", path)
-    if image.shape != label.shape:
+    if image.shape[-ndim:] != label.shape:
         raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
     if not np.isfinite(label).all():
         raise DataError(f"{path}: label contains NaN or inf values")
@@ -102,7 +106,7 @@ def read_case(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.n
 
 def check_prepared(root: Path, cfg) -> bool:
     """Whether `root` is a prepared root (`buarl prepare`), and that the run fits it: its
-    kind, class names, one channel, and no more labeled cases than it holds."""
+    kind, class names, channels, and no more labeled cases than it holds."""
     from buarl.prepare import DATASET_FILE, read_info
     info = read_info(root)
     if info is None:
@@ -113,9 +117,9 @@ def check_prepared(root: Path, cfg) -> bool:
                         f"dataset={cfg.dataset}")
     if list(cfg.class_names) != list(info["class_names"]):
         raise DataError(f"{where}: classes {info['class_names']}, but the run has class_names={cfg.class_names}")
-    if len(info["channels"]) != 1:
-        raise DataError(f"{where}: {len(info['channels'])} input channels ({', '.join(info['channels'])}); "
-                        "the networks take one channel so far")
+    if len(info["channels"]) != cfg.in_channels:
+        raise DataError(f"{where}: {len(info['channels'])} input channel(s) ({', '.join(info['channels'])}), "
+                        f"but the run has in_channels={cfg.in_channels}")
     if cfg.labeled > int(info["labeled_cases"]):
         raise DataError(f"{where}: labeled={cfg.labeled}, but the dataset has {info['labeled_cases']} labeled "
                         "training cases")

@@ -22,6 +22,7 @@ class LaData:
     def __init__(self, root: Path, cfg: Config):
         self.root = root = require_root(root, "LA (UA-MT)")
         self.num_classes = num_classes_of(cfg.dataset, cfg.class_names)
+        self.channels = cfg.in_channels
         check_prepared(root, cfg)
         train_list = root / "train.list"
         names = read_list(train_list)
@@ -48,18 +49,20 @@ class LaData:
         self.patch = list(cfg.patch_size)
 
     def _case(self, name: str, list_file: Path) -> Case:
-        return Case(name, *read_case(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), self.num_classes, 3))
+        path = inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file)
+        return Case(name, *read_case(path, self.num_classes, 3, self.channels))
 
     def _image(self, name: str, list_file: Path) -> Case:
-        image = read_image(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), 3)
-        return Case(name, image, np.zeros(image.shape, np.uint8))
+        image = read_image(inside(self.root, f"{SCANS}/{name}/mri_norm2.h5", list_file), 3, self.channels)
+        return Case(name, image, np.zeros(image.shape[-3:], np.uint8))
 
     def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The scans `idx`, each cropped to the patch and augmented, on the host."""
         images, labels = [], []
         for i in idx:
             image, label = random_crop_3d(self.train[i].image, self.train[i].label, self.patch, gen)
-            image, label = augment_3d(torch.from_numpy(image.copy())[None],
+            image = torch.from_numpy(image.copy())
+            image, label = augment_3d(image[None] if image.dim() == 3 else image,
                                       torch.from_numpy(label.astype("int64")), gen)
             images.append(image)
             labels.append(label)

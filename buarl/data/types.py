@@ -8,7 +8,8 @@ import numpy as np
 
 @dataclass
 class Case:
-    """One evaluation volume: ACDC (D, H, W) or LA (X, Y, Z); label uint8."""
+    """One volume: image ACDC (D, H, W) or LA (X, Y, Z), with a leading channel axis
+    (C, ...) when a prepared dataset has several channels; label (spatial axes) uint8."""
 
     name: str
     image: np.ndarray

@@ -7,5 +7,5 @@ from buarl.nets.unet import UNet
 from buarl.nets.vnet import VNet
 
 
-def build(dataset: str, num_classes: int) -> nn.Module:
-    return UNet(1, num_classes) if dataset == "acdc" else VNet(1, num_classes)
+def build(dataset: str, num_classes: int, in_channels: int = 1) -> nn.Module:
+    return UNet(in_channels, num_classes) if dataset == "acdc" else VNet(in_channels, num_classes)
