@@ -264,7 +264,12 @@ def main() -> None:
     # "-dirty": the variants ran on uncommitted changes
     head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     report = {"machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__},
+                          "torch": torch.__version__,
+                          # oneDNN's kernels, and so the layout of a convolution's weight gradients,
+                          # follow the vector ISA: where it differs from the parameters' layout the
+                          # backward copies each gradient, one launch per convolution. Counts
+                          # compare only between machines of the same capability.
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()},
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
               "commit": head.stdout.strip(), "config": "acdc (256², batch 24), BUARL self-training, compile=default, CPU",
               "variants": results}
