@@ -366,3 +366,40 @@ def test_a_plain_images_and_labels_folder_prepares_with_its_named_classes(tmp_pa
     assert "case_004" in info["split"]["unlabeled"] and info["labeled_cases"] == 1
     assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "run"), "--set", "pretrain_iters=2",
                  "iters=2", "eval_every=2", "log_every=2", "threads=1", "labeled=1", "image_size=48"]) == 0
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_prepared_root_logs_the_datasets_classes_and_channels(tmp_path):
+    """The issue's "done when": prepare + sweep on a dataset the project has never seen
+    (nnU-Net v2 raw, two channels, cases without labels): the trial finishes, its MLflow run
+    names the data and carries per-class metrics under the dataset's class names."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    cases = {n: ([im[0], -im[0] ** 2], lab if n not in ("case_004", "case_005") else None)
+             for n, (im, lab) in _blobs(6).items()}
+    src = _nnunet(tmp_path / "raw", cases, {"background": 0, "lesion": 1, "organ": 2}, channels=("T1", "T2"))
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), "--labeled", "1"]) == 0
+    space = {"name": "own", "base_config": "phantom", "phantom_config": "phantom",
+             "fixed": {"pretrain_iters": 2, "iters": 4, "eval_every": 2, "log_every": 2, "image_size": 48},
+             "grid": {"labeled": [1]}, "search": {"tau_l": {"type": "uniform", "low": 0.1, "high": 0.9}},
+             "num_samples": 1, "metric": "best_val_dice", "mode": "max"}
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(tmp_path / "own.yaml"),
+                           "--data-root", str(out), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")],
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["own"])
+    trial = runs[runs["tags.buarl.role"] == "trial"]
+    assert len(trial) == 1 and trial.iloc[0]["status"] == "FINISHED"
+    row = trial.iloc[0]
+    assert row["params.in_channels"] == "2" and row["tags.buarl.data"] == "Blobs"
+    for name in ("lesion", "organ"):
+        assert 0.0 <= row[f"metrics.test/dice_{name}"] <= 1.0
+    assert not any(c.endswith(("_RV", "_LV", "_Myo")) for c in runs.columns)
