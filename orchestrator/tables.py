@@ -181,10 +181,22 @@ DEGENERATE = 0.5
 
 
 def class_dice_columns(trials: pd.DataFrame) -> dict[str, str]:
-    """{`metrics.test_dice_<class>`: class} for the classes the runs report (the dataset's
-    own names: RV, Myo, LV on ACDC; a prepared dataset's from its dataset.yaml)."""
+    """{`metrics.test_dice_<class>`: class} for the classes the runs report, in the dataset's
+    order (RV, Myo, LV on ACDC; a prepared dataset's `class_names` param, from its dataset.yaml)."""
+    import ast
+
+    from buarl.evaluate import CLASS_NAMES
     prefix = "metrics.test_dice_"
-    return {c: c[len(prefix):] for c in trials.columns if c.startswith(prefix) and trials[c].notna().any()}
+    found = {c[len(prefix):]: c for c in trials.columns if c.startswith(prefix) and trials[c].notna().any()}
+    order = [n for names in CLASS_NAMES.values() for n in names]
+    for value in trials.get("params.class_names", pd.Series(dtype=object)).dropna():
+        try:
+            order = list(ast.literal_eval(value)) + order
+            break
+        except (ValueError, SyntaxError):
+            continue
+    ranked = sorted(found, key=lambda n: order.index(n) if n in order else len(order))
+    return {found[n]: n for n in ranked}
 
 
 def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,

@@ -36,7 +36,8 @@ def store(tmp_path, request):
         for k, v in protocol.pop("_tags", {}).items():  # what a sweep tags (buarl.data.origin)
             client.set_tag(run, k, v)
         for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": seed, "dataset": "acdc",
-                     "tau_l": tau, "rampup_iters": 100 * len(method), **protocol}.items():  # a per-method setting
+                     "tau_l": tau, "rampup_iters": 100 * len(method), "class_names": ["organ", "lesion"],
+                     **protocol}.items():  # a per-method setting
             client.log_param(run, k, v)
         for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
                      "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed,
@@ -79,6 +80,9 @@ def test_tables_trace_back_to_runs(store, tmp_path):
         assert nums.loc[method, "dice_std"] == pytest.approx(np.std(values, ddof=1))
         assert nums.loc[method, "n_seeds"] == 2  # duplicate, KILLED and val-losing runs not counted
         assert nums.loc[method, "dice_lesion_mean"] == pytest.approx(np.mean(values) * 0.9)
+    # per-class columns in the dataset's order (its class_names), not MLflow's alphabetical one
+    assert [c for c in nums.columns if c.startswith("dice_") and c != "dice_mean" and c != "dice_std"] == [
+        "dice_organ_mean", "dice_lesion_mean"]
     md = (out / "comparison.md").read_text()
     best = max(METHODS, key=lambda m: nums.loc[m, "dice_mean"])
     bold_dice = f"**{nums.loc[best, 'dice_mean']:.2f} ± {nums.loc[best, 'dice_std']:.2f}**"
