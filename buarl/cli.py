@@ -321,7 +321,10 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="segment new scans (NIfTI, benchmark h5, .npy) with an exported model")
     pr.add_argument("--model", required=True, help="a model folder from `buarl export`")
-    pr.add_argument("--input", required=True, nargs="+", help="scan files or folders of them")
+    pr.add_argument("--input", required=True, nargs="+",
+                    help="scan files or folders of them (.nii.gz, .nii, .h5, .npy); a model of several channels "
+                         "takes nnU-Net's CASE_0000, CASE_0001, ... files (grouped per case, written as "
+                         "CASE.nii.gz) or one 4-D NIfTI with the channels last")
     pr.add_argument("--out", required=True, help="folder for the label maps (same format, shape, affine as each input)")
     pr.add_argument("--uncertainty", action="store_true", help="also write the normalised entropy map of each scan")
     pr.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
