@@ -355,6 +355,18 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
     assert sorted(kids["params.labeled"].astype(int)) == [2, 3]
     assert runs[runs["tags.buarl.role"] == "sweep"]["status"].tolist() == ["FINISHED"]
 
+    # resumed once more after a code change (its pre-training hashes differ: here the stored
+    # pre-trainings are gone), a sweep whose trials all finished pre-trains nothing again
+    import shutil
+    from orchestrator.pretrainings import FOLDER
+    shutil.rmtree(tmp_path / "ray" / FOLDER)
+    again = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("] not needed: the trials of its grid points all finished") == 2, again.stdout[-3000:]
+    assert "] started (labeled=" not in again.stdout and not (tmp_path / "ray" / FOLDER).exists()
+    after = _runs(tmp_path, "ctrlc")
+    assert sorted(after[after["tags.buarl.role"] == "trial"]["run_id"]) == sorted(runs[runs["tags.buarl.role"] == "trial"]["run_id"])
+
 
 def test_cluster_workers_run_the_drivers_code(tmp_path):
     """A sweep launched from a code snapshot onto a cluster whose nodes import another copy
