@@ -31,7 +31,8 @@ from medpy.metric.binary import __surface_distances as medpy_distances
 
 from buarl.checkpoint import config_of, load_into, read
 from buarl.data import load_benchmark
-from buarl.evaluate import CLASS_NAMES, METRICS, crop_to_objects, evaluate, surface_distances
+from buarl.config import BENCHMARK_CLASSES
+from buarl.evaluate import METRICS, crop_to_objects, evaluate, surface_distances
 from buarl.inference import predict
 from buarl.nets import build
 from buarl.engine import to_device
@@ -79,7 +80,7 @@ def main() -> None:
     device = torch.device("cpu")
     model = to_device(model, cfg, device, 2).eval()
     cases = load_benchmark(cfg).test
-    names = CLASS_NAMES[cfg.dataset]
+    names = BENCHMARK_CLASSES[cfg.dataset]
     threads = torch.get_num_threads()
 
     wall = {}

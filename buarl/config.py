@@ -127,9 +127,18 @@ class Protocol(BaseModel):
     seed: int = Field(1337, ge=0)
 
 
+# the benchmarks' foreground classes, in label order
+BENCHMARK_CLASSES = {"acdc": ["RV", "Myo", "LV"], "la": ["LA"]}
+
+
+def class_names_of(dataset: str, class_names: list[str]) -> list[str]:
+    """Foreground class names: a prepared dataset's, else the benchmark's."""
+    return list(class_names) or BENCHMARK_CLASSES[dataset]
+
+
 def num_classes_of(dataset: str, class_names: list[str]) -> int:
-    """Classes with the background: a prepared dataset's names, else the benchmark's."""
-    return len(class_names) + 1 if class_names else 4 if dataset == "acdc" else 2
+    """Classes with the background."""
+    return len(class_names_of(dataset, class_names)) + 1
 
 
 class Execution(BaseModel):

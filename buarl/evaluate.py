@@ -17,11 +17,10 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from torch import nn
 
-from buarl.config import Config
+from buarl.config import Config, class_names_of
 from buarl.data.types import Case
 from buarl.inference import predict
 
-CLASS_NAMES = {"acdc": ["RV", "Myo", "LV"], "la": ["LA"]}
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
@@ -150,7 +149,7 @@ def evaluate(model: nn.Module, cases: list[Case], cfg: Config, device: torch.dev
     metrics took. The surface distances' searches use the process's torch threads: the
     network is idle while they run."""
     policy = policy or cfg.empty_policy
-    names = cfg.class_names or CLASS_NAMES[cfg.dataset]
+    names = class_names_of(cfg.dataset, cfg.class_names)
     threads = torch.get_num_threads()
     rows, seconds = [], {"predict": 0.0, "metrics": 0.0}
     with evaluating(model, shape_search=cfg.dataset != "acdc"):

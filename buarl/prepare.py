@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from buarl.errors import DataError
+from buarl.volume_io import case_and_channel, kind_of, stem
 
 FORMAT = "buarl-prepared-v1"
 DATASET_FILE = "dataset.yaml"
@@ -76,6 +77,31 @@ def _classes(meta: dict, path: Path) -> dict[int, str]:
 ENDINGS = (".nii.gz", ".nii")
 
 
+def channel_files(files: list[Path], channels: int, folder: Path) -> dict[str, list[Path]]:
+    """nnU-Net's CASE_XXXX files (XXXX: the channel) by case, in channel order; a file not
+    so named, or a case that misses a channel, is one DataError naming it."""
+    by_case: dict[str, dict[int, Path]] = {}
+    for f in files:
+        parsed = case_and_channel(f)
+        if parsed is None:
+            raise DataError(f"{f}: not named CASE_XXXX{kind_of(f)} (XXXX: the channel)")
+        by_case.setdefault(parsed[0], {})[parsed[1]] = f
+    out = {}
+    for case, got in sorted(by_case.items()):
+        ending = kind_of(next(iter(got.values())))
+        missing = [f"{case}_{c:04d}{ending}" for c in range(channels) if c not in got]
+        if missing:
+            raise DataError(f"{folder}: case {case} misses channel file(s) {', '.join(missing)}")
+        out[case] = [got[c] for c in range(channels)]
+    return out
+
+
+def _label(folder: Path, case: str, image: Path) -> Optional[Path]:
+    """The case's label file (its image's file ending), None for an unlabeled case."""
+    label = folder / f"{case}{kind_of(image)}"
+    return label if label.is_file() else None
+
+
 def parse_labels(pairs: list[str]) -> dict[str, int]:
     """`--labels background=0 lesion=1` as nnU-Net's {name: value}."""
     out = {}
@@ -94,29 +120,11 @@ def read_plain(source: Path, labels: Optional[list[str]], channels: list[str]) -
         raise DataError(f"{source}: a plain images/ + labels/ folder has no dataset.json: name its classes with "
                         "--labels NAME=VALUE ... (e.g. --labels background=0 lesion=1)")
     classes = _classes({"labels": parse_labels(labels)}, Path("--labels"))
-    files = sorted(f for f in (source / "images").iterdir() if f.name.endswith(ENDINGS))
-    cases = []
-    if len(channels) == 1:
-        for f in files:
-            ending = next(e for e in ENDINGS if f.name.endswith(e))
-            name = f.name[: -len(ending)]
-            label = source / "labels" / f.name
-            cases.append(SourceCase(name, [f], label if label.is_file() else None))
-    else:
-        grouped: dict[str, dict[int, Path]] = {}
-        for f in files:
-            ending = next(e for e in ENDINGS if f.name.endswith(e))
-            case, _, channel = f.name[: -len(ending)].rpartition("_")
-            if not case or len(channel) != 4 or not channel.isdigit():
-                raise DataError(f"{f}: with {len(channels)} channels, images are named CASE_XXXX{ending} (XXXX: the channel)")
-            grouped.setdefault(case, {})[int(channel)] = f
-        for case, by_channel in grouped.items():
-            ending = next(e for e in ENDINGS if by_channel[min(by_channel)].name.endswith(e))
-            missing = [f"{case}_{c:04d}{ending}" for c in range(len(channels)) if c not in by_channel]
-            if missing:
-                raise DataError(f"{source / 'images'}: case {case} misses channel file(s) {', '.join(missing)}")
-            label = source / "labels" / f"{case}{ending}"
-            cases.append(SourceCase(case, [by_channel[c] for c in range(len(channels))], label if label.is_file() else None))
+    images = source / "images"
+    files = sorted(f for f in images.iterdir() if f.name.endswith(ENDINGS))
+    grouped = ({stem(f): [f] for f in files} if len(channels) == 1
+               else channel_files(files, len(channels), images))
+    cases = [SourceCase(case, group, _label(source / "labels", case, group[0])) for case, group in grouped.items()]
     return Source(source.name, list(channels), classes, cases)
 
 
@@ -137,20 +145,8 @@ def read_source(source: Path, labels: Optional[list[str]] = None, channels: Opti
         images = source / "imagesTr"
         if not images.is_dir():
             raise DataError(f"{images}: folder missing (nnU-Net v2 raw keeps training images there)")
-        by_case: dict[str, dict[int, Path]] = {}
-        for f in sorted(images.glob(f"*{ending}")):
-            stem = f.name[: -len(ending)]
-            case, _, channel = stem.rpartition("_")
-            if not case or len(channel) != 4 or not channel.isdigit():
-                raise DataError(f"{f}: not named CASE_XXXX{ending} (XXXX: the channel)")
-            by_case.setdefault(case, {})[int(channel)] = f
-        cases = []
-        for case, files in sorted(by_case.items()):
-            missing = [f"{case}_{c:04d}{ending}" for c in range(len(channels)) if c not in files]
-            if missing:
-                raise DataError(f"{images}: case {case} misses channel file(s) {', '.join(missing)}")
-            label = source / "labelsTr" / f"{case}{ending}"
-            cases.append(SourceCase(case, [files[c] for c in range(len(channels))], label if label.is_file() else None))
+        cases = [SourceCase(case, files, _label(source / "labelsTr", case, files[0]))
+                 for case, files in channel_files(sorted(images.glob(f"*{ending}")), len(channels), images).items()]
         return Source(str(meta.get("name") or source.name), channels, classes, cases)
     if "training" in meta:  # Medical Segmentation Decathlon
         modality = meta.get("modality") or {"0": "MRI"}

@@ -51,6 +51,12 @@ def stem(path: Path) -> str:
 CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
+def case_and_channel(path: Path) -> tuple[str, int] | None:
+    """nnU-Net's file naming: CASE_XXXX.nii.gz -> (CASE, XXXX); None for another name."""
+    m = CHANNEL.match(stem(path))
+    return (m["case"], int(m["channel"])) if m else None
+
+
 @dataclass
 class ScanFiles:
     """One case to segment: its name (of the outputs), its files (one per channel, or one)."""
@@ -73,14 +79,13 @@ def group_inputs(paths: list[Path], channels: int) -> list[ScanFiles]:
     groups: dict[tuple[Path, str], dict[int, Path]] = {}
     order: list[tuple[Path, str] | Path] = []
     for path in paths:
-        kind = kind_of(path)
-        m = CHANNEL.match(stem(path)) if kind in (".nii", ".nii.gz") else None
-        if m and int(m["channel"]) < channels:
-            key = (path.parent, m["case"])
+        parsed = case_and_channel(path) if kind_of(path) in (".nii", ".nii.gz") else None
+        if parsed and parsed[1] < channels:
+            key = (path.parent, parsed[0])
             if key not in groups:
                 groups[key] = {}
                 order.append(key)
-            groups[key][int(m["channel"])] = path
+            groups[key][parsed[1]] = path
         else:
             order.append(path)
     scans = []
@@ -103,7 +108,7 @@ class Scan:
     path: Path
     image: np.ndarray          # in the model's layout, normalised; (C, ...) with several channels
     kind: str
-    name: str = ""
+    name: str                  # of the outputs: the file's stem, or the case of its channel files
     meta: dict[str, Any] = field(default_factory=dict)  # what writing back needs (NIfTI header)
 
 
@@ -245,7 +250,7 @@ def write_prediction(scan: Scan, labels: np.ndarray, entropy: np.ndarray | None,
     with `entropy`, also the normalised entropy map (float32). Returns the files written."""
     labels = _to_input_layout(scan, labels.astype(np.uint8), dataset)
     entropy = None if entropy is None else _to_input_layout(scan, entropy.astype(np.float32), dataset)
-    files = outputs_for(ScanFiles(scan.name or stem(scan.path), [scan.path]), out, entropy is not None)
+    files = outputs_for(ScanFiles(scan.name, [scan.path]), out, entropy is not None)
     if scan.kind in (".nii", ".nii.gz"):
         import nibabel as nib
         header = scan.meta["header"].copy()

@@ -29,7 +29,7 @@ from orchestrator.ray_env import (apply_env_defaults, env_while, is_loopback, ke
 from orchestrator import pretrainings, studies  # noqa: E402
 from orchestrator import storage as storage_fs  # noqa: E402
 from orchestrator.redaction import redact  # noqa: E402
-from orchestrator.names import TAG_DATA, TAG_POINT, TAG_SYNTHETIC  # noqa: E402
+from orchestrator.names import TAG_DATA, TAG_SYNTHETIC  # noqa: E402
 from orchestrator.space import Plan, SpaceError, describe, load_space, make_plan  # noqa: E402
 
 
@@ -580,24 +580,6 @@ def data_origin(plan: Plan) -> dict:
     return origin(validate(dict(plan.base), source="sweep config"))
 
 
-def finished_points(plan: Plan, client, exp_id: str, parent: str) -> set[str]:
-    """Grid points whose trials all FINISHED under this sweep's parent run (an earlier run of
-    a resumed sweep): Tune starts none of them again, so they need no pre-training (after a
-    code change its hash, and with it the stored one, differs)."""
-    import collections
-    done = collections.Counter()
-    token = None
-    while True:
-        page = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
-                                  "tags.`buarl.role` = 'trial' and attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
-        done.update(r.data.tags.get(TAG_POINT) for r in page)
-        token = page.token
-        if not token:
-            break
-    return {p.name for p in plan.points if done[p.name] >= plan.trials_per_point}
-
-
 def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, parent: str,
              digest: str, shared: dict) -> Optional[dict]:
     """Every grid point in turn; the parent run ends FINISHED, KILLED (Ctrl-C: returns None)
@@ -607,7 +589,8 @@ def run_grid(args, plan: Plan, sweep: str, storage: str, client, exp_id: str, pa
     try:
         keys, forked, _ = pretrainings.plan(plan)
         if args.resume:
-            finished = finished_points(plan, client, exp_id, parent)
+            from orchestrator.tracking import finished_points
+            finished = finished_points(client, exp_id, parent, plan.trials_per_point)
             needed = {h for point, h in forked.items() if point not in finished}
             for h in sorted(set(keys) - needed):
                 print(f"[pre-training {h}] not needed: the trials of its grid points all finished", flush=True)

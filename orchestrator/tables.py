@@ -185,16 +185,11 @@ def class_dice_columns(trials: pd.DataFrame) -> dict[str, str]:
     order (RV, Myo, LV on ACDC; a prepared dataset's `class_names` param, from its dataset.yaml)."""
     import ast
 
-    from buarl.evaluate import CLASS_NAMES
+    from buarl.config import BENCHMARK_CLASSES
     prefix = "metrics.test_dice_"
     found = {c[len(prefix):]: c for c in trials.columns if c.startswith(prefix) and trials[c].notna().any()}
-    order = [n for names in CLASS_NAMES.values() for n in names]
-    for value in trials.get("params.class_names", pd.Series(dtype=object)).dropna():
-        try:
-            order = list(ast.literal_eval(value)) + order
-            break
-        except (ValueError, SyntaxError):
-            continue
+    named = trials.get("params.class_names", pd.Series(dtype=object)).dropna()
+    order = (ast.literal_eval(named.iloc[0]) if len(named) else []) + sum(BENCHMARK_CLASSES.values(), [])
     ranked = sorted(found, key=lambda n: order.index(n) if n in order else len(order))
     return {found[n]: n for n in ranked}
 
@@ -205,6 +200,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,
     groups name the protocol; published numbers join only runs of the paper protocol."""
     rows = []
     name, cases = data_of(chosen)
+    per_class = class_dice_columns(chosen)
     for (method, labeled), g in chosen.groupby(["method", "labeled"]):
         row = {"method": method, "labeled": labeled, "dataset": g["dataset"].iloc[0], "data": name,
                "n_seeds": len(g), "source": "ours"}
@@ -212,7 +208,7 @@ def comparison(chosen: pd.DataFrame, published: pd.DataFrame | None,
             values = g[f"metrics.test_{key}"].astype(float) * scale
             # one seed has no spread: no std (NaN, an empty CSV cell), not 0.0
             row[f"{key}_mean"], row[f"{key}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else np.nan
-        for col, cls in class_dice_columns(chosen).items():
+        for col, cls in per_class.items():
             row[f"dice_{cls}_mean"] = g[col].astype(float).mean() * 100
         row["empty_predictions_mean"] = empty_predictions(g)
         row["missed_share_mean"] = missed_share(g)

@@ -10,6 +10,7 @@ trial ended can leave that trial unfinished in the saved state, and `--resume` r
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
@@ -128,6 +129,15 @@ def mark_orphans(client, experiment_id: str, parent_id: str) -> int:
         client.set_terminated(r.info.run_id, status="KILLED")
         client.set_tag(r.info.run_id, "buarl.note", "driver lost; marked KILLED on resume")
     return len(runs)
+
+
+def finished_points(client, experiment_id: str, parent_id: str, trials_per_point: int) -> set[str]:
+    """Grid points with `trials_per_point` FINISHED trials under the sweep's parent run (an
+    earlier run of a resumed sweep): Tune starts none of their trials again."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                              "tags.buarl.role = 'trial' and attributes.status = 'FINISHED'")
+    done = collections.Counter(r.data.tags.get(TAG_POINT) for r in runs)
+    return {point for point, n in done.items() if n >= trials_per_point}
 
 
 def _numeric(result: dict) -> dict[str, float]:

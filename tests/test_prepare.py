@@ -261,7 +261,7 @@ def test_predict_with_a_prepared_model_groups_channel_files_and_prepares_them_as
     spacing = (10.0, 1.5, 1.5)
     rng = np.random.default_rng(3)
     cases = {}
-    for i, (name, (_, disc)) in enumerate(_blobs(5, shape=(48, 48, 1)).items()):
+    for name, (_, disc) in _blobs(5, shape=(48, 48, 1)).items():
         label = np.stack([disc[..., 0]] * 6)  # (x, y, z): discs in the y-z plane, x the slices
         ct = label * 300.0 - 1000.0 + rng.normal(0, 20, label.shape)  # HU-like
         mr = label * 0.4 + rng.normal(0, 0.1, label.shape) + 100.0

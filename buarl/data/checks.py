@@ -58,7 +58,7 @@ def _image(f, path: Path, ndim: int, channels: int) -> np.ndarray:
     if channels > 1 and (image.ndim != ndim + 1 or image.shape[0] != channels):
         raise DataError(f"{path}: image shape {image.shape}, expected {channels} channels first and "
                         f"{ndim} spatial axes")
-    if image.ndim != ndim + (channels > 1):
+    if channels == 1 and image.ndim != ndim:
         raise DataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
     if image.size == 0:
         raise DataError(f"{path}: image is empty (shape {image.shape})")
