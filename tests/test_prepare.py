@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from buarl.cli import main
+from buarl.config import validate
+from buarl.data import origin
 
 ROOT = Path(__file__).resolve().parents[1]
 ACDC = ROOT.parent / "shared" / "data" / "ACDC"
@@ -129,6 +131,12 @@ def test_truly_unlabeled_cases_train_with_bcp_under_the_datasets_class_names(tmp
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["per_class"]) == {"lesion", "organ"} and 0.0 <= metrics["dice"] <= 1.0
     assert metrics["data"]["name"] == "Blobs" and metrics["data"]["synthetic"] is False
+    # a label ratio is a share of the prepared cases (train.list), not of slice-name patients
+    assert metrics["data"]["train_cases"] == len((out / "train.list").read_text().split())
+    # describing a run never raises: a broken dataset.yaml is the data checks' to report
+    (out / "dataset.yaml").write_text("format: [")
+    described = origin(validate({"data_root": str(out)}))
+    assert described["name"] == "ACDC" and described["synthetic"] is False and described["root"] == str(out)
     # more labeled patients than the dataset holds: one line, exit 2
     assert main(["train", "--data-root", str(out), "--out", str(tmp_path / "x"), "--set", "labeled=3"]) == 2
 

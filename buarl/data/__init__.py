@@ -6,6 +6,7 @@ from pathlib import Path
 
 from buarl.config import Config
 from buarl.data import phantom
+from buarl.errors import DataError
 
 
 def resolve_root(cfg: Config) -> Path:
@@ -25,24 +26,23 @@ def origin(cfg: Config) -> dict:
     synthetic = cfg.data_root is None or (root / phantom.MARKER).is_file()
     try:
         prepared = read_info(root)
-    except Exception:  # an unreadable dataset.yaml is the loader's error to report
+    except DataError:  # describing a run never fails it: the data checks report this file
         prepared = None
     name = prepared["name"] if prepared else cfg.dataset.upper() + (" phantom" if synthetic else "")
     return {"name": name, "synthetic": synthetic, "root": str(root), "digest": lists_digest(root),
-            "train_cases": train_cases(root, cfg.dataset)}
+            "train_cases": train_cases(root, cfg.dataset, prepared=prepared is not None)}
 
 
-def train_cases(root: Path, dataset: str) -> int | None:
-    """Training cases of the root (ACDC: patients of train_slices.list; LA: scans of
-    train.list): what a label ratio is a share of. None where the list cannot be read."""
+def train_cases(root: Path, dataset: str, prepared: bool = False) -> int | None:
+    """Training cases of the root (ACDC: patients of train_slices.list; LA and a prepared
+    root: cases of train.list): what a label ratio is a share of. None where the list cannot
+    be read."""
     from buarl.data.acdc import patient_of
     try:
-        if dataset == "acdc" and (Path(root) / "train.list").is_file() and (Path(root) / "dataset.yaml").is_file():
-            return len((Path(root) / "train.list").read_text().split()) or None  # a prepared root's cases
-        if dataset == "acdc":
-            names = (Path(root) / "train_slices.list").read_text().split()
-            return len({patient_of(n) for n in names}) or None
-        return len((Path(root) / "train.list").read_text().split()) or None
+        if prepared or dataset != "acdc":
+            return len((Path(root) / "train.list").read_text().split()) or None
+        names = (Path(root) / "train_slices.list").read_text().split()
+        return len({patient_of(n) for n in names}) or None
     except OSError:
         return None
 
