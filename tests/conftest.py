@@ -19,6 +19,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def mlflow_store(folder: Path, name: str = "mlflow.db") -> str:
+    """The sqlite URI of an MLflow store in `folder`, created as an empty, migrated store if
+    it is not there yet. Creating a store runs MLflow's schema migrations (seconds each);
+    one per session is made and copied, so the tests open it as any existing store. A test
+    of store creation itself names a fresh file instead."""
+    import shutil
+    import tempfile
+    db = Path(folder) / name
+    if not db.exists():
+        if not _STORE_TEMPLATE:
+            template = Path(tempfile.mkdtemp(prefix="buarl-mlflow-template-")) / "mlflow.db"
+            from mlflow.tracking import MlflowClient
+            MlflowClient(f"sqlite:///{template}").search_experiments(max_results=1)
+            _STORE_TEMPLATE.append(template)
+        shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 def load_bench(name: str):
     """bench/<name>.py as a module (the bench scripts are not a package)."""
     import importlib.util

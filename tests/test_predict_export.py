@@ -16,6 +16,7 @@ from buarl.data import load_benchmark
 from buarl.inference import predict, predict_volume
 from buarl.model_folder import load_model, write_model
 from buarl.nets import build
+from tests.conftest import mlflow_store
 
 AFFINE = np.array([[0.0, 1.4, 0, -10], [1.3, 0, 0, 5], [0, 0, 10.0, 2], [0, 0, 0, 1]])
 
@@ -151,7 +152,7 @@ def test_export_picks_the_best_trial_by_validation_not_test(acdc_phantom, tmp_pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("thresholds", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.code_version": "v-test"}).info.run_id

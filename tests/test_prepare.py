@@ -12,6 +12,7 @@ import yaml
 from buarl.cli import main
 from buarl.config import validate
 from buarl.data import origin
+from tests.conftest import mlflow_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ACDC = ROOT.parent / "shared" / "data" / "ACDC"
@@ -396,7 +397,7 @@ def test_a_sweep_on_a_prepared_root_logs_the_datasets_classes_and_channels(tmp_p
              "grid": {"labeled": [1]}, "search": {"tau_l": {"type": "uniform", "low": 0.1, "high": 0.9}},
              "num_samples": 1, "metric": "best_val_dice", "mode": "max"}
     (tmp_path / "own.yaml").write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     done = subprocess.run([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(tmp_path / "own.yaml"),
                            "--data-root", str(out), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")],
                           env={**os.environ, "RAY_AUTH_MODE": "disabled"}, cwd=tmp_path, capture_output=True,

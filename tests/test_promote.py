@@ -3,11 +3,12 @@ import yaml
 
 from orchestrator.promote import main
 from orchestrator.space import load_space
+from tests.conftest import mlflow_store
 
 
 def test_the_validation_winner_becomes_a_row_on_the_evaluation_grid(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("evidence_search", artifact_location=(tmp_path / "art").as_uri())
     for trial, (val, test, tau_l, mode) in enumerate([(0.70, 0.50, 0.2, "soft"), (0.60, 0.90, 0.8, "hard")]):

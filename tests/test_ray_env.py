@@ -4,6 +4,7 @@ import socket
 
 from orchestrator import ray_env
 from orchestrator.sweep import main as sweep_main
+from tests.conftest import mlflow_store
 
 
 def test_the_private_ray_helpers_the_sweep_uses_still_exist():
@@ -30,7 +31,7 @@ def test_a_live_cluster_is_found_and_a_stale_bootstrap_file_is_not(tmp_path):
 def test_a_second_local_sweep_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("orchestrator.sweep.live_local_cluster", lambda: "127.0.0.1:6379")
     rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     err = capsys.readouterr().err
     assert rc == 2 and "another Ray cluster is running on this machine (127.0.0.1:6379)" in err
     assert "--address auto" in err

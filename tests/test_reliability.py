@@ -14,7 +14,7 @@ from buarl.cli import main as buarl_main
 from orchestrator.ray_env import is_loopback
 from orchestrator.sweep import main as sweep_main
 from orchestrator.tracking import redact
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, mlflow_store
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_unwritable_results_folder_fails_before_training(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     rc = sweep_main(["--space", "phantom_tiny", "--storage", str(blocker / "ray"),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     assert rc == 2 and "results folder is not writable" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
 
@@ -90,7 +90,7 @@ def test_read_only_results_folder_is_caught_by_the_write_probe(tmp_path, capsys)
         ro.mkdir()
         ro.chmod(0o555)
         storage = str(ro / "ray")
-    rc = sweep_main(["--space", "phantom_tiny", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    rc = sweep_main(["--space", "phantom_tiny", "--storage", storage, "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     assert rc == 2 and "results folder is not writable" in capsys.readouterr().err
 
 
@@ -102,14 +102,14 @@ def test_broken_dataset_is_refused_before_ray_starts(tmp_path, acdc_phantom, cap
     victim = sorted((root / "data" / "slices").glob("*.h5"))[-1]
     victim.write_bytes(b"not hdf5")
     rc = sweep_main(["--space", "phantom_tiny", "--data-root", str(root), "--storage", str(tmp_path / "ray"),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(victim) in err[0] and "not a readable HDF5 file" in err[0], err
     assert "ray" not in _sys.modules or not (tmp_path / "ray" / "phantom_tiny").exists()
 
 
 def test_resume_refuses_storage_without_this_sweeps_state(tmp_path, capsys):
-    args = ["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    args = ["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"), "--tracking-uri", mlflow_store(tmp_path, "m.db")]
     assert sweep_main([*args, "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
@@ -122,13 +122,13 @@ def test_existing_sweep_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
     (tmp_path / "ray" / "phantom_tiny" / "keep.txt").write_text("x")
     rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"), "--name", "phantom_tiny",
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     assert rc == 2 and "add --resume" in capsys.readouterr().err
     assert (tmp_path / "ray" / "phantom_tiny" / "keep.txt").read_text() == "x"
 
 
 def _outputs_args(tmp_path, **over):
-    return SimpleNamespace(**{"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "storage": str(tmp_path / "ray"),
+    return SimpleNamespace(**{"tracking_uri": mlflow_store(tmp_path, "m.db"), "storage": str(tmp_path / "ray"),
                               "resume": False, "name": None, "warm_start": None, "address": None, **over})
 
 
@@ -156,7 +156,7 @@ def test_while_another_sweep_runs_the_refusal_names_it_not_resume(tmp_path, caps
     monkeypatch.setattr(sweep_mod, "live_local_cluster", lambda: "127.0.0.1:6379")
     (tmp_path / "ray" / "phantom_tiny").mkdir(parents=True)
     rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     err = capsys.readouterr().err
     assert rc == 2 and "another Ray cluster is running on this machine (127.0.0.1:6379)" in err
     assert "--resume" not in err and not (tmp_path / "ray" / "phantom_tiny-2").exists()
@@ -176,12 +176,12 @@ def _space(tmp_path, name, **over):
 
 def _sweep_cmd(tmp_path, space):
     return [sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(space),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
+            "--tracking-uri", mlflow_store(tmp_path), "--storage", str(tmp_path / "ray")]
 
 
 def _runs(tmp_path, name):
     import mlflow
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_store(tmp_path))
     runs = mlflow.search_runs(experiment_names=[name])
     return runs[runs["tags.buarl.role"] == "trial"] if "tags.buarl.role" in runs else runs
 
@@ -237,7 +237,7 @@ def test_lost_worker_resumes_from_checkpoint(tmp_path):
     runs = _runs(tmp_path, "lostworker")
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_store(tmp_path))
     run_id = runs.iloc[0]["run_id"]
     history = client.get_metric_history(run_id, "val/dice")
     steps = [m.step for m in history]
@@ -345,7 +345,7 @@ cluster.shutdown()
     runs = _runs(tmp_path, "lostnode")
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_store(tmp_path))
     history = client.get_metric_history(runs.iloc[0]["run_id"], "val/dice")
     steps = [m.step for m in history]
     assert sorted(steps) == list(range(4, 45, 4)), steps  # complete, each evaluation once
@@ -449,9 +449,9 @@ def test_a_grid_point_that_raises_leaves_the_parent_run_failed(tmp_path, monkeyp
     monkeypatch.setattr(sweep, "run_point", boom)
     with pytest.raises(RuntimeError, match="a grid point failed"):
         sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
-                    "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                    "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     import mlflow
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_tracking_uri(mlflow_store(tmp_path, "m.db"))
     parents = mlflow.search_runs(experiment_names=["phantom_tiny"])
     assert parents["status"].tolist() == ["FAILED"] and parents["tags.buarl.role"].tolist() == ["sweep"]
 
@@ -471,11 +471,11 @@ def test_a_failing_cluster_is_named_and_resume_is_offered(tmp_path, monkeypatch,
         raise ray.exceptions.RaySystemError("Raylet died: heartbeat timed out")
     monkeypatch.setattr(sweep, "run_point", lost)
     rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     err = capsys.readouterr().err
     assert rc == 1 and "the Ray cluster failed under this sweep (RaySystemError" in err and "--resume" in err
     import mlflow
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_tracking_uri(mlflow_store(tmp_path, "m.db"))
     assert mlflow.search_runs(experiment_names=["phantom_tiny"])["status"].tolist() == ["FAILED"]
 
 
@@ -566,7 +566,7 @@ def test_the_pickled_mlflow_callback_holds_no_credentials(tmp_path):
     callback = MlflowTrials(secret, "1", "parent", "sweep", "point", {"lr": 0.01})
     blob = pickle.dumps(callback)
     assert b"S3cret" not in blob and b"alice" not in blob
-    resumed = tracking.open_store(f"sqlite:///{tmp_path / 'm.db'}")
+    resumed = tracking.open_store(mlflow_store(tmp_path, "m.db"))
     assert pickle.loads(blob).client is resumed
 
 
@@ -574,7 +574,7 @@ def test_a_sweep_name_is_one_plain_folder_name(tmp_path, capsys):
     from orchestrator.sweep import main as sweep_main
     for name in ("../../escaped", "a/b", ".hidden", ""):
         assert sweep_main(["--space", "phantom_tiny", "--name", name, "--storage", str(tmp_path / "ray"),
-                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+                           "--tracking-uri", mlflow_store(tmp_path, "m.db")]) == 2
         assert "a sweep name is one plain folder name" in capsys.readouterr().err
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "ray").exists()
 
@@ -620,7 +620,7 @@ def test_an_unreachable_cluster_is_one_line_in_bounded_time(tmp_path):
     start = time.time()
     out = subprocess.run([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", "phantom_tiny",
                           "--address", "127.0.0.1:1", "--storage", str(tmp_path / "ray"),
-                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                          "--tracking-uri", mlflow_store(tmp_path, "m.db")],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 2, out.stderr[-2000:]
     assert "--address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1" in out.stderr
@@ -638,7 +638,7 @@ def test_resume_checks_the_sweep_state_on_remote_storage_too(tmp_path, capsys):
     folder.mkdir(parents=True)
     (folder / "tuner.pkl").write_bytes(b"not ours")
     args = ["--space", "phantom_tiny", "--resume", "--storage", (tmp_path / "ray").as_uri(),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+            "--tracking-uri", mlflow_store(tmp_path, "m.db")]
     assert sweep_main(args) == 2
     assert "holds no buarl_sweep.json" in capsys.readouterr().err
     (folder / "buarl_sweep.json").write_text(json.dumps({"name": "other", "space_digest": "x"}))

@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator import studies
 from orchestrator.sweep import main as sweep_main
+from tests.conftest import mlflow_store
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,7 @@ def test_warm_start_copies_each_points_finished_trials(tmp_path):
 
 def test_warm_start_from_a_sweep_without_studies_is_refused_before_anything(tmp_path, capsys):
     rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"), "--name", "b",
-                     "--warm-start", "nosuch", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--warm-start", "nosuch", "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     err = capsys.readouterr().err
     assert rc == 2 and "--warm-start nosuch: no Optuna studies" in err
     assert not (tmp_path / "ray" / "b").exists()
@@ -56,7 +57,7 @@ def test_resume_with_other_num_samples_is_refused_with_the_way_to_grow(tmp_path,
     (folder / "buarl_sweep.json").write_text(json.dumps({"name": "phantom_tiny", "space_digest": space_digest(plan),
                                                          "trials_per_point": 2}))
     rc = sweep_main(["--space", "phantom_tiny", "--storage", str(tmp_path / "ray"), "--resume", "--num-samples", "5",
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                     "--tracking-uri", mlflow_store(tmp_path, "m.db")])
     err = capsys.readouterr().err
     assert rc == 2 and "planned with 2 trial(s) per grid point, not 5" in err
     assert "--warm-start phantom_tiny" in err

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, mlflow_store
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def _sweep(tmp_path, space, *extra, name="sweep", timeout=900, env_extra=None):
     spec.write_text(yaml.safe_dump({**space, "name": name}))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     cmd = [sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--space", str(spec),
-           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray"), *extra]
+           "--tracking-uri", mlflow_store(tmp_path), "--storage", str(tmp_path / "ray"), *extra]
     return cmd, env
 
 
@@ -51,7 +51,7 @@ def _kill_driver(proc) -> None:
 
 def _runs(tmp_path, experiment):
     import mlflow
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_store(tmp_path))
     return mlflow.search_runs(experiment_names=[experiment])
 
 
@@ -124,7 +124,7 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert len(study.get_trials(states=(done,))) == 3
     # every trial's run holds a training curve, one point per log step
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_store(tmp_path))
     steps = [m.step for m in client.get_metric_history(children.iloc[0]["run_id"], "train/loss")]
     assert steps == [8, 12], steps  # self-training's log steps (pre-training's are in its own run)
     assert {p.name for p in (tmp_path / "ray" / "sweep").iterdir() if p.name.startswith("labeled=")} == {
@@ -136,7 +136,7 @@ def test_sweep_logs_one_finished_child_per_trial(tmp_path):
     assert tau.stack().between(0.1, 0.9).all() and tau["params.tau_l"].nunique() == 4, "Optuna must sample"
     assert set(children["params.labeled"]) == {"2", "3"}
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_store(tmp_path))
     run_id = children.iloc[0]["run_id"]
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "best.pt", "metrics.json", "regions.png"} <= names
@@ -268,7 +268,7 @@ def test_resume_after_killed_driver_finishes_without_rerunning(tmp_path):
              if r["tags.buarl.role"] == "trial" and r["status"] == "FINISHED"}
     run_of = {r["tags.buarl.trial_id"]: r["run_id"] for _, r in before.iterrows() if r["tags.buarl.role"] == "trial"}
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_store(tmp_path))
 
     out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -383,7 +383,7 @@ def test_cluster_workers_run_the_drivers_code(tmp_path):
     space = {**SPACE, "grid": {"labeled": [2]}, "search": {}, "name": "snap"}
     (tmp_path / "snap.yaml").write_text(yaml.safe_dump(space))
     sweep = [sys.executable, str(snap / "orchestrator" / "sweep.py"), "--space", str(tmp_path / "snap.yaml"),
-             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
+             "--tracking-uri", mlflow_store(tmp_path), "--storage", str(tmp_path / "ray")]
     # The nodes start from this process's environment (no snapshot on their path); only the
     # driver runs from the snapshot.
     script = f"""

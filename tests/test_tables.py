@@ -6,9 +6,18 @@ from scipy import stats
 
 from orchestrator.names import mlflow_key
 from orchestrator.tables import main
+from tests.conftest import mlflow_store
 
 METHODS = {"Supervised": ("supervised", False, False), "BCP": ("bcp", False, False),
            "BCP+URL": ("bcp", True, False), "BUARL": ("bcp", True, True)}
+
+
+def _log(client, run: str, params: dict, metrics: dict, tags: dict | None = None) -> None:
+    """One write per run (MLflow's log_batch), as a trial's many values would be."""
+    from mlflow.entities import Metric, Param, RunTag
+    client.log_batch(run, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in params.items()],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
 
 PAPER = {"data_root": "/data/ACDC", "image_size": 256, "batch_size": 24, "pretrain_iters": 10000, "iters": 30000}
@@ -19,7 +28,7 @@ def store(tmp_path, request):
     """A synthetic experiment: 4 methods x 2 seeds at labeled=3, plus a duplicated trial,
     an unfinished run and a searched trial that loses on validation."""
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("abl", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.sweep": "abl"}).info.run_id
@@ -33,21 +42,18 @@ def store(tmp_path, request):
         run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": trial,
                                            "mlflow.parentRunId": parent}).info.run_id
         protocol = dict(getattr(request, "param", PAPER))
-        for k, v in protocol.pop("_tags", {}).items():  # what a sweep tags (buarl.data.origin)
-            client.set_tag(run, k, v)
-        for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": seed, "dataset": "acdc",
-                     "tau_l": tau, "rampup_iters": 100 * len(method), "class_names": ["organ", "lesion"],
-                     **protocol}.items():  # a per-method setting
-            client.log_param(run, k, v)
-        for k, v in {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
-                     "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed,
-                     "train_frac_high": tau / 10,
-                     # per-class Dice under a dataset's own class names (a prepared dataset's)
-                     "test_dice_lesion": dice * 0.9, "test_dice_organ": dice * 1.1}.items():
-            # seed 2's runs under MLflow's sectioned keys (val/best_dice), seed 1's under the flat
-            # ones of stores written before them: the tables read both, in one experiment
-            client.log_metric(run, mlflow_key(k) if seed == 2 else k, v)
-        client.set_tag(run, "buarl.code_digest", f"digest-{trial}")
+        tags = {**protocol.pop("_tags", {}), "buarl.code_digest": f"digest-{trial}"}  # as a sweep tags them
+        params = {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": seed, "dataset": "acdc",
+                  "tau_l": tau, "rampup_iters": 100 * len(method), "class_names": ["organ", "lesion"],
+                  **protocol}  # rampup_iters: a per-method setting
+        metrics = {"test_dice": dice, "test_jaccard": dice * 0.8, "test_hd95": 10 - 5 * dice,
+                   "test_asd": 2 - dice, "best_val_dice": val, "test_empty_predictions": 3 * seed,
+                   "train_frac_high": tau / 10,
+                   # per-class Dice under a dataset's own class names (a prepared dataset's)
+                   "test_dice_lesion": dice * 0.9, "test_dice_organ": dice * 1.1}
+        # seed 2's runs under MLflow's sectioned keys (val/best_dice), seed 1's under the flat
+        # ones of stores written before them: the tables read both, in one experiment
+        _log(client, run, params, {mlflow_key(k) if seed == 2 else k: v for k, v in metrics.items()}, tags)
         client.set_terminated(run, status=status)
 
     for i, method in enumerate(METHODS):
@@ -123,20 +129,16 @@ def test_mostly_empty_row_never_wins_a_distance_column(store, tmp_path):
     exp = client.get_experiment_by_name("abl").experiment_id
     for seed, (missed, hd) in {1: (18, 0.2), 2: (11, 0.4)}.items():  # 29 of 40 present structures missed
         run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": f"mt-{seed}"}).info.run_id
-        for k, v in {"base": "mt", "url": False, "crl": False, "labeled": 3, "seed": seed, "dataset": "acdc"}.items():
-            client.log_param(run, k, v)
-        for k, v in {"test_dice": 0.01, "test_jaccard": 0.01, "test_hd95": hd, "test_asd": hd / 2,
-                     "best_val_dice": 0.01, "test_empty_predictions": missed, "test_structures": 20}.items():
-            client.log_metric(run, k, v)
+        _log(client, run, {"base": "mt", "url": False, "crl": False, "labeled": 3, "seed": seed, "dataset": "acdc"},
+             {"test_dice": 0.01, "test_jaccard": 0.01, "test_hd95": hd, "test_asd": hd / 2,
+              "best_val_dice": 0.01, "test_empty_predictions": missed, "test_structures": 20})
         client.set_terminated(run)
     # The MSE form of MT is its own row; the runs above predate the switch (no param): pseudo.
     run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": "mt-mse-1"}).info.run_id
-    for k, v in {"base": "mt", "mt_consistency": "mse", "url": False, "crl": False, "labeled": 3, "seed": 1,
-                 "dataset": "acdc"}.items():
-        client.log_param(run, k, v)
-    for k, v in {"test_dice": 0.4, "test_jaccard": 0.3, "test_hd95": 9.0, "test_asd": 3.0, "best_val_dice": 0.4,
-                 "test_empty_predictions": 0, "test_structures": 20}.items():
-        client.log_metric(run, k, v)
+    _log(client, run, {"base": "mt", "mt_consistency": "mse", "url": False, "crl": False, "labeled": 3, "seed": 1,
+                       "dataset": "acdc"},
+         {"test_dice": 0.4, "test_jaccard": 0.3, "test_hd95": 9.0, "test_asd": 3.0, "best_val_dice": 0.4,
+          "test_empty_predictions": 0, "test_structures": 20})
     client.set_terminated(run)
     out = tmp_path / "t"
     assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
@@ -172,10 +174,8 @@ def test_experiments_of_one_protocol_pool(store, tmp_path, capsys):
     for method, dice in (("BCP", 0.40), ("BUARL", 0.70)):
         base, url, crl = METHODS[method]
         run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": f"more-{method}"}).info.run_id
-        for k, v in {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": 3, "dataset": "acdc"}.items():
-            client.log_param(run, k, v)
-        for k in ("test_dice", "test_jaccard", "test_hd95", "test_asd", "best_val_dice"):
-            client.log_metric(run, k, dice)
+        _log(client, run, {"base": base, "url": url, "crl": crl, "labeled": 3, "seed": 3, "dataset": "acdc"},
+             dict.fromkeys(("test_dice", "test_jaccard", "test_hd95", "test_asd", "best_val_dice"), dice))
         client.set_terminated(run)
     out = tmp_path / "pooled"
     assert main(["--experiment", "abl", "--experiment", "abl_more", "--tracking-uri", uri, "--out", str(out)]) == 0
@@ -253,7 +253,7 @@ def paired_store(tmp_path):
     """BCP and two named rows over 5 seeds at labeled=3, both checkpoints logged; a 6th seed
     that BCP lacks (unpaired: not counted)."""
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("ev", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.sweep": "ev"}).info.run_id
@@ -265,14 +265,12 @@ def paired_store(tmp_path):
         for seed, d in enumerate(values, start=1):
             run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": f"{row}-{seed}",
                                                "mlflow.parentRunId": parent, "buarl.row": row}).info.run_id
-            for k, v in {"base": "bcp", "url": row != "BCP", "crl": row != "BCP", "labeled": 3, "seed": seed,
-                         "dataset": "acdc", **PAPER}.items():
-                client.log_param(run, k, v)
-            for k, v in {"test_dice": d, "test_jaccard": d, "test_hd95": 1.0, "test_asd": 1.0,
-                         "best_val_dice": d, "test_last_dice": d - 0.1, "test_last_jaccard": d,
-                         "test_last_hd95": 1.0, "test_last_asd": 1.0, "train_frac_high": 0.25,
-                         "train_crl_share": 0.8}.items():
-                client.log_metric(run, k, v)
+            _log(client, run, {"base": "bcp", "url": row != "BCP", "crl": row != "BCP", "labeled": 3, "seed": seed,
+                               "dataset": "acdc", **PAPER},
+                 {"test_dice": d, "test_jaccard": d, "test_hd95": 1.0, "test_asd": 1.0,
+                  "best_val_dice": d, "test_last_dice": d - 0.1, "test_last_jaccard": d,
+                  "test_last_hd95": 1.0, "test_last_asd": 1.0, "train_frac_high": 0.25,
+                  "train_crl_share": 0.8})
             client.set_terminated(run)
     return uri, dice
 

@@ -4,13 +4,13 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.tracking import MlflowTrials, mark_orphans
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mlflow_store
 
 
 @pytest.fixture
 def sweep(tmp_path):
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_store(tmp_path))
     exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"buarl.role": "sweep", "buarl.sweep": "s"}).info.run_id
     return client, exp, parent
