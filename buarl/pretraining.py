@@ -93,6 +93,25 @@ def read(path: Path) -> dict:
     return obj
 
 
+def state_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The entries of two hand-over states (nested dicts of tensors and numbers) that are not
+    bit-identical, by path (`student.conv.weight`, `optimizer.state.3.momentum_buffer`);
+    [] when one run forked from either would continue exactly alike."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        name, x, y = f"{prefix}{k}", a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += state_differences(x, y, f"{name}.")
+        elif isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                out.append(name)
+        elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y):
+            out += state_differences(dict(enumerate(x)), dict(enumerate(y)), f"{name}.")
+        elif type(x) is not type(y) or x != y:
+            out.append(name)
+    return out
+
+
 def start_state(cfg: Config, obj: dict, source: str, digest: Optional[str] = None) -> dict:
     """The state a run of `cfg` starts from, after checking that `obj` is the pre-training this
     run would have made: the same settings (else PretrainMismatch naming each difference) and

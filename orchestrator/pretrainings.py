@@ -199,3 +199,64 @@ def run_all(keys: dict, storage: str, sweep: str, shared: dict, points: dict, re
         print(f"[pre-training {h}] done in {result['seconds']:.0f} s, best val Dice "
               f"{float('nan') if best is None else best:.4f} at iteration {result.get('best_step')}", flush=True)
     return done, runs
+
+
+def same_starts(storage: str) -> list[dict]:
+    """Per pre-training setting (data, labeled, seed) kept in `<storage>/pretrain/` more than
+    once (a change to buarl/ makes the sweep pre-train again): whether every copy hands over
+    the same state. Identical copies mean the rows of an experiment forked from the same start
+    even where their sweeps ran different code. Settings are compared on the keys both copies
+    record (newer code records keys that older code lacked), and the stored config is left
+    out of the state for the same reason."""
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    for path in sorted(Path(storage, FOLDER).glob(f"*/{pretraining.FILE}")):
+        obj = pretraining.read(path)
+        k = obj["key"]
+        groups.setdefault((k.get("dataset"), k.get("data_root"), k.get("labeled"), k.get("seed")), []).append(
+            (path.parent.name, obj))
+    rows = []
+    for (_, _, labeled, seed), copies in groups.items():
+        if len(copies) < 2:
+            continue
+        (_, ref), rest = copies[0], copies[1:]
+        start = {k: v for k, v in ref["state"].items() if k != "config"}
+        settings = sorted({k for _, obj in rest for k in set(ref["key"]) & set(obj["key"])
+                           if ref["key"][k] != obj["key"][k]})
+        differing = sorted({d for _, obj in rest for d in pretraining.state_differences(
+            start, {k: v for k, v in obj["state"].items() if k != "config"})})
+        rows.append({"labeled": labeled, "seed": seed,
+                     "copies": ", ".join(f"{h} ({obj['digest'][:8]})" for h, obj in copies),
+                     "settings_differ": ", ".join(settings), "identical": not differing,
+                     "differing": ", ".join(differing[:5]) + (" ..." if len(differing) > 5 else "")})
+    return sorted(rows, key=lambda r: (r["labeled"], r["seed"]))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m orchestrator.pretrainings --storage DIR [--out FILE]`: same_starts as a
+    Markdown table (stdout, or FILE)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.pretrainings",
+                                     description="Do the shared pre-trainings that different code made for one "
+                                                 "setting hand over identical states?")
+    parser.add_argument("--storage", required=True, help="a sweep's --storage folder (holds pretrain/)")
+    parser.add_argument("--out", help="write the table here (Markdown) instead of stdout")
+    args = parser.parse_args(argv)
+    if not Path(args.storage, FOLDER).is_dir():
+        print(f"--storage {args.storage}: no {FOLDER}/ folder (no shared pre-training was made there)", file=sys.stderr)
+        return 2
+    rows = same_starts(args.storage)
+    lines = ["| labeled | seed | copies (hash, code digest) | settings | identical hand-over |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['labeled']} | {r['seed']} | {r['copies']} | "
+              f"{'differ: ' + r['settings_differ'] if r['settings_differ'] else 'same'} | "
+              f"{'yes' if r['identical'] else 'no: ' + r['differing']} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,3 +102,42 @@ def test_cli_pretrain_only_then_from_pretrained_equals_a_whole_run(acdc_phantom,
     assert not (tmp_path / "bad").exists()
     assert main(["train", *sets, "base=mt", "--out", str(tmp_path / "mt"), "--pretrain-only"]) == 2
     assert "has no pre-training stage" in capsys.readouterr().err
+
+
+def test_state_differences_names_every_entry_that_is_not_bit_identical():
+    a = {"step": 500, "student": {"w": torch.ones(2, 2), "b": torch.zeros(2)},
+         "optimizer": {"state": {0: {"momentum_buffer": torch.full((2,), 0.5)}}, "param_groups": [{"lr": 0.01}]},
+         "gen": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    b = {**a, "student": {"w": torch.ones(2, 2), "b": torch.tensor([0.0, 1e-12])},
+         "optimizer": {"state": {0: {"momentum_buffer": torch.full((2,), 0.5)}}, "param_groups": [{"lr": 0.02}]},
+         "gen": torch.tensor([1, 2, 3], dtype=torch.int64), "best_step": 250}
+    assert pretraining.state_differences(a, a) == []
+    # a 1e-12 change, another dtype, a changed number in a list and an entry only one side has
+    assert pretraining.state_differences(a, b) == ["best_step", "gen", "optimizer.param_groups.0.lr", "student.b"]
+
+
+def test_pretrainings_of_one_setting_made_by_different_code_are_compared(tmp_path, capsys):
+    """The evidence experiment's claim that every row forked from one start per seed, where
+    its sweeps ran different code: copies of one setting are compared state by state."""
+    from orchestrator.pretrainings import main, same_starts
+    state = {"step": 4, "student": {"w": torch.arange(4.0)}, "config": {"seed": 11}}
+
+    def put(h, seed, digest, state, **key):
+        (tmp_path / "pretrain" / h).mkdir(parents=True)
+        torch.save({"format": pretraining.FORMAT, "digest": digest, "state": state,
+                    "key": {"dataset": "acdc", "data_root": "/d", "labeled": 3, "seed": seed, **key}},
+                   tmp_path / "pretrain" / h / pretraining.FILE)
+
+    put("a1", 11, "old", state)
+    # newer code: a key and a config entry the old code did not record, the same hand-over
+    put("a2", 11, "new", {**state, "config": {"seed": 11, "in_channels": 1}}, in_channels=1)
+    put("b1", 12, "old", state)
+    put("b2", 12, "new", {**state, "student": {"w": torch.arange(4.0) + 1}}, pretrain_iters=9)
+    put("c1", 13, "old", state)  # one copy: nothing to compare
+    rows = same_starts(str(tmp_path))
+    assert [(r["seed"], r["identical"], r["differing"], r["settings_differ"]) for r in rows] == [
+        (11, True, "", ""), (12, False, "student.w", "")]
+    assert main(["--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | 11 | a1 (old), a2 (new) | same | yes |" in out and "| 3 | 12 |" in out and "no: student.w" in out
+    assert main(["--storage", str(tmp_path / "none")]) == 2

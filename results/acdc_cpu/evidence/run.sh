@@ -7,7 +7,7 @@
 #   bash results/acdc_cpu/evidence/run.sh search     # the Optuna search, seeds 2001-2002
 #   bash results/acdc_cpu/evidence/run.sh tuned3     # the search's winner, 3 patients, seeds 11-18
 #   bash results/acdc_cpu/evidence/run.sh paired7    # the three rows, 7 patients, seeds 11-14
-#   bash results/acdc_cpu/evidence/run.sh tables     # results/acdc_cpu/evidence/ from MLflow
+#   bash results/acdc_cpu/evidence/run.sh tables     # results/acdc_cpu/evidence/ from MLflow and storage
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 DATA=${DATA:-../shared/data/ACDC}
@@ -66,6 +66,8 @@ case ${1:-} in
         --tracking-uri "sqlite:///$PWD/$EXP/mlflow.db" \
         --out results/acdc_cpu/evidence/tables$([ $checkpoint = last ] && echo _last)
     done
+    # the rows fork from one pre-training per seed even where their sweeps ran other code
+    $PY -m orchestrator.pretrainings --storage "$EXP/ray" --out results/acdc_cpu/evidence/pretrainings.md
     if [ -d "$EXP/ray/evidence_search" ]; then
       $PY -m orchestrator.tables --experiment evidence_search --tracking-uri "sqlite:///$PWD/$EXP/mlflow.db" \
         --out results/acdc_cpu/evidence/search
