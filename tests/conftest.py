@@ -27,12 +27,15 @@ def mlflow_store(folder: Path, name: str = "mlflow.db") -> str:
     it is not there yet. Creating a store runs MLflow's schema migrations (seconds each);
     one per session is made and copied, so the tests open it as any existing store. A test
     of store creation itself names a fresh file instead."""
+    import atexit
     import shutil
     import tempfile
     db = Path(folder) / name
     if not db.exists():
         if not _STORE_TEMPLATE:
-            template = Path(tempfile.mkdtemp(prefix="buarl-mlflow-template-")) / "mlflow.db"
+            home = tempfile.mkdtemp(prefix="buarl-mlflow-template-")
+            atexit.register(shutil.rmtree, home, True)
+            template = Path(home) / "mlflow.db"
             from mlflow.tracking import MlflowClient
             MlflowClient(f"sqlite:///{template}").search_experiments(max_results=1)
             _STORE_TEMPLATE.append(template)
