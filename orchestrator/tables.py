@@ -93,7 +93,7 @@ def trial_runs(runs: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     roots = trials.get("params.data_root", pd.Series("", index=trials.index)).astype(str)
     guessed = roots.isin(["None", "nan", ""]) | roots.str.contains("/phantom-(?:acdc|la)-", regex=True)
     tagged = trials.get("tags.buarl.synthetic", pd.Series(np.nan, index=trials.index))
-    trials["synthetic"] = tagged.map({"true": True, "false": False}).fillna(guessed).astype(bool)
+    trials["synthetic"] = tagged.isin(["true"]) | (~tagged.isin(["true", "false"]) & guessed)
     names = trials["dataset"].str.upper() + np.where(trials["synthetic"], " phantom", "")
     tagged_name = trials.get("tags.buarl.data", pd.Series(None, index=trials.index, dtype=object)).astype(object)
     trials["data"] = tagged_name.where(tagged_name.notna(), names)
