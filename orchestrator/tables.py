@@ -390,7 +390,7 @@ def write_table(df: pd.DataFrame, out: Path, stem: str, index: bool, csv: bool =
                               ("Δ mean", "{:+.2f}", "–"), ("Δ sd", "{:.2f}", "–"), ("CI low", "{:+.2f}", "–"),
                               ("CI high", "{:+.2f}", "–"), ("p (Wilcoxon)", "{:.3f}", "n/a"),
                               ("frac_high", "{:.3f}", "–"), ("frac_low", "{:.3f}", "–"),
-                              ("crl_share", "{:.3f}", "–")):
+                              ("crl_share", "{:.3f}", "–"), ("p (Spearman)", "{:.3g}", "–")):
         if col in flat:
             flat[col] = flat[col].map(lambda v, f=fmt, m=missing: m if pd.isna(v) else f.format(v))
     flat = flat.map(lambda v: "–" if isinstance(v, float) and np.isnan(v) else f"{v:.2f}" if isinstance(v, float) else v)
@@ -429,17 +429,44 @@ def _cmidrules(latex: str, df: pd.DataFrame, index: bool) -> str:
     return "\n".join(lines[:at + 1] + [" ".join(spans)] + lines[at + 1:])
 
 
+def searched(trials: pd.DataFrame, names: list[str]) -> list[str]:
+    """Of `names`, the parameters that vary among the trials of one method and label ratio; a
+    value that only differs between methods (an ablation row's own rampup, say) is a method
+    setting."""
+    return [p for p in names if f"params.{p}" in trials and
+            trials.groupby(["method", "labeled"])[f"params.{p}"].nunique().max() > 1]
+
+
+def sensitivity(trials: pd.DataFrame) -> pd.DataFrame:
+    """How validation Dice (points) goes with each searched setting over all trials: per value
+    of a searched reading its trials' median and range; per searched number and per dose
+    column its Spearman rank correlation. Empty when nothing was searched."""
+    readings, numbers = searched(trials, READINGS), searched(trials, SEARCHABLE)
+    if not readings and not numbers:
+        return pd.DataFrame()
+    from scipy import stats
+    val = trials["metrics.best_val_dice"].astype(float) * 100
+    rows = []
+    for p in readings:
+        for value, v in val.groupby(trials[f"params.{p}"]):
+            rows.append({"setting": p, "value": value, "trials": len(v), "val Dice median": v.median(),
+                         "val Dice min": v.min(), "val Dice max": v.max()})
+    for col in [f"params.{p}" for p in numbers] + [c for c in DOSE if c in trials]:
+        x = trials[col].astype(float)
+        rho = stats.spearmanr(x, val, nan_policy="omit")
+        rows.append({"setting": col.split(".", 1)[1].removeprefix("train_"), "value": "rank correlation",
+                     "trials": int(x.notna().sum()), "Spearman ρ": rho.statistic, "p (Spearman)": rho.pvalue})
+    return pd.DataFrame(rows)
+
+
 def plots(trials: pd.DataFrame, out: Path) -> list[str]:
     name, _ = data_of(trials)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
-    # Searched = varies among the trials of one method and label ratio; a value that only
-    # differs between methods (an ablation row's own rampup, say) is a method setting.
-    searched = [p for p in SEARCHABLE if f"params.{p}" in trials and
-                trials.assign(v=trials[f"params.{p}"].astype(float)).groupby(["method", "labeled"])["v"].nunique().max() > 1]
-    for p in searched:
+    numbers = searched(trials, SEARCHABLE)
+    for p in numbers:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for labeled, g in trials.groupby("labeled"):
             x = g[f"params.{p}"].astype(float)
@@ -451,8 +478,8 @@ def plots(trials: pd.DataFrame, out: Path) -> list[str]:
         fig.savefig(out / f"sensitivity_{p}.png", dpi=100)
         plt.close(fig)
         made.append(f"sensitivity_{p}.png")
-    if searched:
-        cols = [f"params.{p}" for p in searched] + ["metrics.best_val_dice", "metrics.test_dice"]
+    if numbers:
+        cols = [f"params.{p}" for p in numbers] + ["metrics.best_val_dice", "metrics.test_dice"]
         frame = trials[cols].astype(float)
         norm = (frame - frame.min()) / (frame.max() - frame.min()).replace(0, 1)
         norm.columns = [c.split(".", 1)[1] for c in cols]
@@ -494,7 +521,10 @@ def readme(experiments: list[str], tracking_uri: str, trials: pd.DataFrame, pare
               "same pre-training where shared): mean Δ test Dice in points, its 95 % t interval (CI), "
               "paired t and Wilcoxon signed-rank p, seeds where the row won; the dose is the row's mean "
               "share of labeled pixels URL up-weights (frac_high), of unlabeled pixels below tau_u "
-              "(frac_low) and of a pseudo-label CRL keeps (crl_share), at the last log step.", ""]
+              "(frac_low) and of a pseudo-label CRL keeps (crl_share), at the last log step.", "",
+              "Sensitivity (`sensitivity.*`, searches only): over all counted trials, validation Dice "
+              "(points) per value of each searched reading (median, range), and the Spearman rank "
+              "correlation of validation Dice with each searched number and each dose column.", ""]
     return "\n".join(lines)
 
 
@@ -529,6 +559,10 @@ def build(experiments: str | list[str], tracking_uri: str, out: Path, published_
                   forest(pairs, out, checkpoint, numbers["dataset"].iloc[0], (name, cases))]
     trial_list(trials, chosen).to_csv(out / "trials.csv", index=False)
     files += ["trials.csv"]
+    sens = sensitivity(trials)
+    if not sens.empty:
+        write_table(sens, out, "sensitivity", index=False, data=caption)
+        files += ["sensitivity.md", "sensitivity.tex", "sensitivity.csv"]
     files += plots(trials, out)
     sweeps = runs[runs["tags.buarl.role"] == "sweep"]
     if "tags.mlflow.parentRunId" in trials:

@@ -307,3 +307,30 @@ def test_last_checkpoint_tables_refuse_runs_without_last_iterate_metrics(store, 
     assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(tmp_path / "x"),
                  "--checkpoint", "last"]) == 2
     assert "have no last-iterate test metrics" in capsys.readouterr().err
+
+
+def test_sensitivity_ranks_each_searched_setting_against_validation(tmp_path):
+    """A search's trials: validation Dice per reading value (median, range) and its rank
+    correlation with each searched number and dose column, from hand-set values."""
+    from mlflow.tracking import MlflowClient
+    uri = mlflow_store(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
+    # val rises with tau_l (rho 1), falls with the CRL share (rho -1); lambda_url is fixed (not searched)
+    for i, (tau, mode, val) in enumerate([(0.1, "weight", 0.5), (0.2, "weight", 0.6), (0.3, "term", 0.7),
+                                          (0.4, "term", 0.9)]):
+        run = client.create_run(exp, tags={"buarl.role": "trial", "buarl.trial_id": f"t{i}"}).info.run_id
+        _log(client, run, {"base": "bcp", "url": True, "crl": True, "labeled": 3, "seed": 1, "dataset": "acdc",
+                           "tau_l": tau, "url_mode": mode, "lambda_url": 1.0, **PAPER},
+             {"test_dice": val, "test_jaccard": val, "test_hd95": 1.0, "test_asd": 1.0, "best_val_dice": val,
+              "train_crl_share": 1 - tau})
+        client.set_terminated(run)
+    out = tmp_path / "t"
+    assert main(["--experiment", "s", "--tracking-uri", uri, "--out", str(out)]) == 0
+    sens = pd.read_csv(out / "sensitivity.csv")
+    modes = sens[sens["setting"] == "url_mode"].set_index("value")
+    assert modes.loc["weight", "trials"] == 2 and modes.loc["weight", "val Dice median"] == pytest.approx(55.0)
+    assert modes.loc["term", "val Dice min"] == pytest.approx(70.0) and modes.loc["term", "val Dice max"] == pytest.approx(90.0)
+    rho = sens[sens["value"] == "rank correlation"].set_index("setting")["Spearman ρ"]
+    assert rho["tau_l"] == pytest.approx(1.0) and rho["crl_share"] == pytest.approx(-1.0)
+    assert "lambda_url" not in rho and "sensitivity.md" in (out / "README.md").read_text()
