@@ -207,27 +207,28 @@ def same_starts(storage: str) -> list[dict]:
     the same state. Identical copies mean the rows of an experiment forked from the same start
     even where their sweeps ran different code. Settings are compared on the keys both copies
     record (newer code records keys that older code lacked), and the stored config is left
-    out of the state for the same reason."""
-    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    out of the state for the same reason. Each copy is compared with its setting's first as it
+    is read: one state per setting is held, not every file."""
+    groups: dict[tuple, dict] = {}
     for path in sorted(Path(storage, FOLDER).glob(f"*/{pretraining.FILE}")):
         obj = pretraining.read(path)
-        k = obj["key"]
-        groups.setdefault((k.get("dataset"), k.get("data_root"), k.get("labeled"), k.get("seed")), []).append(
-            (path.parent.name, obj))
-    rows = []
-    for (_, _, labeled, seed), copies in groups.items():
-        if len(copies) < 2:
+        key, state = obj["key"], {k: v for k, v in obj["state"].items() if k != "config"}
+        copy = f"{path.parent.name} ({obj['digest'][:8]})"
+        setting = (key.get("dataset"), key.get("data_root"), key.get("labeled"), key.get("seed"))
+        if setting not in groups:
+            groups[setting] = {"key": key, "state": state, "copies": [copy], "settings": set(), "differing": set()}
             continue
-        (_, ref), rest = copies[0], copies[1:]
-        start = {k: v for k, v in ref["state"].items() if k != "config"}
-        settings = sorted({k for _, obj in rest for k in set(ref["key"]) & set(obj["key"])
-                           if ref["key"][k] != obj["key"][k]})
-        differing = sorted({d for _, obj in rest for d in pretraining.state_differences(
-            start, {k: v for k, v in obj["state"].items() if k != "config"})})
-        rows.append({"labeled": labeled, "seed": seed,
-                     "copies": ", ".join(f"{h} ({obj['digest'][:8]})" for h, obj in copies),
-                     "settings_differ": ", ".join(settings), "identical": not differing,
-                     "differing": ", ".join(differing[:5]) + (" ..." if len(differing) > 5 else "")})
+        g = groups[setting]
+        g["copies"].append(copy)
+        g["settings"] |= {k for k in set(g["key"]) & set(key) if g["key"][k] != key[k]}
+        g["differing"] |= set(pretraining.state_differences(g["state"], state))
+    rows = []
+    for (_, _, labeled, seed), g in groups.items():
+        if len(g["copies"]) > 1:
+            differing = sorted(g["differing"])
+            rows.append({"labeled": labeled, "seed": seed, "copies": ", ".join(g["copies"]),
+                         "settings_differ": ", ".join(sorted(g["settings"])), "identical": not differing,
+                         "differing": ", ".join(differing[:5]) + (" ..." if len(differing) > 5 else "")})
     return sorted(rows, key=lambda r: (r["labeled"], r["seed"]))
 
 
