@@ -22,7 +22,7 @@ def origin(cfg: Config) -> dict:
     """What a run trained on, for its model card, MLflow run and tables: the dataset's name
     (with "phantom" for buarl's synthetic data), whether it is synthetic, and the root."""
     from buarl.prepare import read_info
-    root = resolve_root(cfg) if cfg.data_root is None else Path(cfg.data_root).expanduser()
+    root = resolve_root(cfg)
     synthetic = cfg.data_root is None or (root / phantom.MARKER).is_file()
     try:
         prepared = read_info(root)
@@ -33,7 +33,7 @@ def origin(cfg: Config) -> dict:
             "train_cases": train_cases(root, cfg.dataset, prepared=prepared is not None)}
 
 
-def train_cases(root: Path, dataset: str, prepared: bool = False) -> int | None:
+def train_cases(root: Path, dataset: str, prepared: bool) -> int | None:
     """Training cases of the root (ACDC: patients of train_slices.list; LA and a prepared
     root: cases of train.list): what a label ratio is a share of. None where the list cannot
     be read."""
