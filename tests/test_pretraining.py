@@ -132,12 +132,16 @@ def test_pretrainings_of_one_setting_made_by_different_code_are_compared(tmp_pat
     # newer code: a key and a config entry the old code did not record, the same hand-over
     put("a2", 11, "new", {**state, "config": {"seed": 11, "in_channels": 1}}, in_channels=1)
     put("b1", 12, "old", state)
-    put("b2", 12, "new", {**state, "student": {"w": torch.arange(4.0) + 1}}, pretrain_iters=9)
-    put("c1", 13, "old", state)  # one copy: nothing to compare
+    put("b2", 12, "new", {**state, "student": {"w": torch.arange(4.0) + 1}})
+    # a setting both copies record, with another value: named, whatever the states say
+    put("c1", 13, "old", state, pretrain_iters=4)
+    put("c2", 13, "new", state, pretrain_iters=9)
+    put("d1", 14, "old", state)  # one copy: nothing to compare
     rows = same_starts(str(tmp_path))
     assert [(r["seed"], r["identical"], r["differing"], r["settings_differ"]) for r in rows] == [
-        (11, True, "", ""), (12, False, "student.w", "")]
+        (11, True, "", ""), (12, False, "student.w", ""), (13, True, "", "pretrain_iters")]
     assert main(["--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| 3 | 11 | a1 (old), a2 (new) | same | yes |" in out and "| 3 | 12 |" in out and "no: student.w" in out
+    assert "| 3 | 13 | c1 (old), c2 (new) | differ: pretrain_iters | yes |" in out and "| 3 | 14 |" not in out
     assert main(["--storage", str(tmp_path / "none")]) == 2
